@@ -1,0 +1,3 @@
+from ipserve.cli import main
+
+main()

@@ -1,0 +1,406 @@
+"""Every setting, declared once, and the layering that resolves them.
+
+Precedence: defaults < TOML file < IPSERVE_<KEY> environment < command line.
+The same table builds the argparse options, validates the config file and
+documents conf/ipserve.toml, so a setting cannot exist in one place only.
+Every error names the key, the bad value and where it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import tomllib
+from typing import Any, Callable
+
+ENV_PREFIX = "IPSERVE_"
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message is one line for the user."""
+
+
+# ---------------------------------------------------------------- value types
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from 30, 2.5, "30s", "500ms", "2m", "1h"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s or 500ms")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+    raise ValueError("expected a duration such as 30s or 500ms")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from 1048576, "448MiB", "2GiB", "512k"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 448MiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    raise ValueError("expected a size such as 448MiB")
+
+
+def parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    raise ValueError("expected a whole number")
+
+
+def parse_power_of_two(value: Any) -> int:
+    n = parse_int(value)
+    if n < 1 or n & (n - 1):
+        raise ValueError("must be a power of two (1, 2, 4, 8, ...)")
+    if n > 1024:
+        raise ValueError("must be at most 1024")
+    return n
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def parse_str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def parse_name(value: Any) -> str:
+    # The name ends up in a file name, an nft table name and an iptables chain
+    # name (at most 28 characters, of which "IPS-" takes 4).
+    name = parse_str(value)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,23}", name):
+        raise ValueError("use at most 24 letters, digits, '-', '_' or '.'")
+    return name
+
+
+def choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError("expected one of " + ", ".join(allowed))
+        return value
+    parse.choices = allowed  # type: ignore[attr-defined]
+    return parse
+
+
+@dataclasses.dataclass(frozen=True)
+class Bind:
+    host: str   # as given, without brackets
+    port: int
+    family: int  # socket.AF_INET or socket.AF_INET6
+
+    @property
+    def wildcard(self) -> str:
+        return "::" if self.family == 10 else "0.0.0.0"
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.host in ("0.0.0.0", "::")
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.family == 10 else f"{self.host}:{self.port}"
+
+
+def parse_bind(text: str) -> Bind:
+    import ipaddress
+    import socket
+
+    if not isinstance(text, str):
+        raise ValueError("expected HOST:PORT")
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)|(\d+)", text.strip())
+    if not m:
+        raise ValueError("expected HOST:PORT, [IPv6]:PORT or PORT")
+    if m.group(1) is not None:
+        host, port = m.group(1), m.group(2)
+    elif m.group(3) is not None:
+        host, port = m.group(3) or "0.0.0.0", m.group(4)
+    else:
+        host, port = "0.0.0.0", m.group(5)
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    port_n = int(port)
+    if not 1 <= port_n <= 65535:
+        raise ValueError("port must be between 1 and 65535")
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    return Bind(str(addr), port_n, family)
+
+
+def parse_binds(value: Any) -> tuple[Bind, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError("expected HOST:PORT or a list of them")
+    binds = tuple(parse_bind(item) for item in items)
+    if len({b.port for b in binds}) > 1:
+        raise ValueError("every bind must use the same port")
+    return binds
+
+
+def parse_optional_path(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return parse_str(value)
+
+
+# ---------------------------------------------------------------- the table
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    doc: str
+    short: str | None = None
+    metavar: str | None = None
+    repeatable: bool = False   # the CLI flag may be given more than once
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+def default_workers() -> int:
+    n = os.cpu_count() or 1
+    return 1 << (n.bit_length() - 1)
+
+
+def default_runtime_dir() -> str:
+    if os.geteuid() == 0:
+        return "/run/ipserve"
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return os.path.join(base, "ipserve")
+    return f"/tmp/ipserve-{os.geteuid()}"
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+ROUTERS = ("auto", "nft", "iptables", "iptc")
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("app", parse_str, None,
+            "The WSGI application: module:callable or path/to/file.py:callable.",
+            metavar="APP"),
+    Setting("workers", parse_power_of_two, None,
+            "Number of worker processes, a power of two. Default: the largest "
+            "power of two not above the CPU count.", short="-w", metavar="N"),
+    Setting("bind", parse_binds, ("0.0.0.0:8000",),
+            "Public address HOST:PORT (or [IPv6]:PORT) clients connect to.",
+            short="-b", metavar="ADDRESS", repeatable=True),
+    Setting("name", parse_name, None,
+            "Instance name; scopes the control socket, the firewall table or "
+            "chain and the pid file. Default: ipserve-<port>.", short="-n"),
+    Setting("router", choice(*ROUTERS), "auto",
+            "How clients are pinned to workers: nft, iptables (iptables-restore), "
+            "iptc (python-iptables, legacy hosts) or auto."),
+    Setting("pid", parse_optional_path, None,
+            "Pid file of the master. Default: <runtime_dir>/<name>.pid.", metavar="FILE"),
+    Setting("runtime_dir", parse_str, None,
+            "Directory of the control socket and pid file. Default: /run/ipserve as "
+            "root, else $XDG_RUNTIME_DIR/ipserve or /tmp/ipserve-<uid>.", metavar="DIR"),
+    Setting("chdir", parse_optional_path, None,
+            "Directory to change to before loading the app; it goes on sys.path.",
+            metavar="DIR"),
+    Setting("graceful_timeout", parse_duration, 30.0,
+            "On TERM, how long workers may finish what they hold before they are killed.",
+            metavar="DURATION"),
+    Setting("boot_timeout", parse_duration, 30.0,
+            "How long a new worker may take to say ready before it is killed and replaced.",
+            metavar="DURATION"),
+    Setting("backlog", parse_int, 2048,
+            "Listen backlog of each worker's socket.", metavar="N"),
+    Setting("log_level", choice(*LOG_LEVELS), "info",
+            "Error log verbosity: " + ", ".join(LOG_LEVELS) + "."),
+    Setting("access_log", parse_optional_path, None,
+            "Access log file, or - for standard output. Default: none.", metavar="FILE"),
+    Setting("error_log", parse_str, "-",
+            "Error log file, or - for standard error.", metavar="FILE"),
+)
+
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclasses.dataclass
+class Config:
+    values: dict[str, Any]
+    sources: dict[str, str]
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.values)
+        out["bind"] = [str(b) for b in self.values["bind"]]
+        return out
+
+
+# ---------------------------------------------------------------- layering
+
+def _apply(values: dict, sources: dict, key: str, raw: Any, source: str) -> None:
+    setting = BY_NAME.get(key)
+    if setting is None:
+        raise ConfigError(f"unknown setting {key!r} ({source})")
+    try:
+        values[key] = setting.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{key} = {raw!r} ({source}): {exc}") from None
+    sources[key] = source
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} cannot be read (permission denied)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"{key} ({path}): tables are not used; keys are flat")
+    return data
+
+
+def resolve(cli: dict[str, Any], environ: dict[str, str] | None = None) -> Config:
+    """Merge defaults, the config file, the environment and the command line.
+
+    `cli` holds only what was given on the command line (plus "config").
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for s in SETTINGS:
+        values[s.name] = None if s.default is None else s.parse(s.default)
+        sources[s.name] = "default"
+
+    config_path = cli.get("config") or environ.get(ENV_PREFIX + "CONFIG")
+    if config_path:
+        for key, raw in read_toml(config_path).items():
+            _apply(values, sources, key, raw, f"in {config_path}")
+
+    for var, raw in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+            continue
+        key = var[len(ENV_PREFIX):].lower()
+        if key not in BY_NAME:
+            raise ConfigError(f"unknown setting in environment variable {var}")
+        _apply(values, sources, key, raw, f"from environment {var}")
+
+    for key, raw in cli.items():
+        if key == "config":
+            continue
+        _apply(values, sources, key, raw, f"from command line {BY_NAME[key].flag}")
+
+    # Derived defaults.
+    if values["workers"] is None:
+        values["workers"] = default_workers()
+    if values["name"] is None:
+        values["name"] = f"ipserve-{values['bind'][0].port}"
+    if values["runtime_dir"] is None:
+        values["runtime_dir"] = default_runtime_dir()
+    if values["pid"] is None:
+        values["pid"] = os.path.join(values["runtime_dir"], values["name"] + ".pid")
+    if values["app"] is None:
+        raise ConfigError("no APP given: ipserve module:callable (see ipserve --help)")
+    values["config"] = config_path
+    return Config(values, sources)
+
+
+# ---------------------------------------------------------------- CLI + docs
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per setting; unset options stay absent (SUPPRESS)."""
+    parser.add_argument("app", nargs="?", default=argparse.SUPPRESS,
+                        help=BY_NAME["app"].doc, metavar="APP")
+    parser.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help="TOML config file; every option below can be set there "
+                             "(flat keys, '_' for '-').")
+    for s in SETTINGS:
+        if s.name == "app":
+            continue
+        flags = [s.short, s.flag] if s.short else [s.flag]
+        kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, dest=s.name,
+                                      metavar=s.metavar or s.name.upper(),
+                                      help=f"{s.doc} [{s.env}]")
+        if s.repeatable:
+            kwargs["action"] = "append"
+        choices = getattr(s.parse, "choices", None)
+        if choices:
+            kwargs["choices"] = choices
+            kwargs["metavar"] = "{" + ",".join(choices) + "}"
+        parser.add_argument(*flags, **kwargs)
+
+
+def render_default(s: Setting) -> str:
+    if s.default is None:
+        return "(see below)"
+    if isinstance(s.default, tuple):
+        return "[" + ", ".join(f'"{v}"' for v in s.default) + "]"
+    if isinstance(s.default, bool):
+        return "true" if s.default else "false"
+    if isinstance(s.default, float):
+        return f'"{s.default:g}s"'
+    if isinstance(s.default, str):
+        return f'"{s.default}"'
+    return str(s.default)
+
+
+def render_toml_docs() -> str:
+    """The text of conf/ipserve.toml: every key, its default, its doc."""
+    import textwrap
+
+    lines = [
+        "# ipserve configuration. Every key is optional; shown with its default.",
+        "# Precedence: defaults < this file < IPSERVE_<KEY> environment < command line.",
+        "# Durations: 30, \"30s\", \"500ms\", \"2m\". Sizes: 1048576, \"448MiB\", \"2GiB\".",
+        "",
+    ]
+    for s in SETTINGS:
+        for line in textwrap.wrap(s.doc, 76):
+            lines.append("# " + line)
+        lines.append(f"# {s.name} = {render_default(s)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The master: supervises workers and routes slots; never serves traffic."""

@@ -1,0 +1,395 @@
+"""The master's loop: signals, the control socket, worker exits and timers.
+
+Signal handlers only queue the signal (as in gunicorn's arbiter); one loop
+dispatches everything. Decisions come from master.policy; this module carries
+them out (spawning, signalling, writing routes).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from ipserve import control
+from ipserve.config import Config
+from ipserve.master import policy
+from ipserve.master.registry import WorkerRecord
+from ipserve.routing import RouteError, Router
+
+TICK = 0.25
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                   signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+DIED_YOUNG = 5.0  # a worker that dies sooner than this after spawning backs its slot off
+
+
+class Connection:
+    """One accepted control connection: a worker or an ipservectl request."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.reader = control.LineReader()
+        self.worker: WorkerRecord | None = None
+
+    def send(self, message: dict) -> bool:
+        try:
+            self.sock.sendall(control.encode(message))
+            return True
+        except OSError:
+            return False
+
+
+class Master:
+    def __init__(self, cfg: Config, router: Router, log: logging.Logger):
+        self.cfg = cfg
+        self.router = router
+        self.log = log
+        self.slots = cfg.workers
+        self.generation = 1
+        self.workers: dict[int, WorkerRecord] = {}
+        self.installed: dict[int, int] = {}
+        self.selector = selectors.DefaultSelector()
+        self.pending_signals: collections.deque[int] = collections.deque()
+        self.stopping: str | None = None          # None | "graceful" | "quick"
+        self.stop_deadline = 0.0
+        self.killed_at_deadline = False
+        self.quick_failures: dict[int, int] = collections.defaultdict(int)
+        self.respawn_at: dict[int, float] = {}
+        self.route_error: str | None = None
+        self.last_measure = 0.0
+        self.started = time.time()
+        self.socket_path = control.socket_path(cfg.runtime_dir, cfg.name)
+
+    # ================================================================ set-up
+    def open_control_socket(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket is born 0600
+        try:
+            sock.bind(self.socket_path)
+        finally:
+            os.umask(old_umask)
+        sock.listen(256)
+        sock.setblocking(False)
+        self.listener = sock
+        self.selector.register(sock, selectors.EVENT_READ, ("accept", None))
+
+    def install_signals(self) -> None:
+        self.wakeup_r, self.wakeup_w = socket.socketpair()
+        self.wakeup_r.setblocking(False)
+        self.wakeup_w.setblocking(False)
+        signal.set_wakeup_fd(self.wakeup_w.fileno(), warn_on_full_buffer=False)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, lambda signum, frame: self.pending_signals.append(signum))
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ, ("signal", None))
+
+    # ================================================================ loop
+    def run(self) -> int:
+        self.install_signals()
+        self.open_control_socket()
+        self.log.info("master pid %d serving %s on %s with %d workers",
+                      os.getpid(), self.cfg.app, ", ".join(map(str, self.cfg.bind)), self.slots)
+        while True:
+            for key, _ in self.selector.select(TICK):
+                kind, obj = key.data
+                if kind == "accept":
+                    self.accept()
+                elif kind == "conn":
+                    self.read(obj)
+                elif kind == "pidfd":
+                    self.worker_exited(obj)
+                elif kind == "signal":
+                    self.drain_wakeups()
+            while self.pending_signals:
+                self.handle_signal(self.pending_signals.popleft())
+            if self.stopping:
+                if self.stop_step():
+                    return 0
+                continue
+            self.tick()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        self.measure(now)
+        self.kill_slow_boots(now)
+        self.spawn_missing(now)
+        self.update_routes()
+
+    # ================================================================ signals
+    def drain_wakeups(self) -> None:
+        try:
+            while self.wakeup_r.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def handle_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        handler = getattr(self, "handle_" + name[3:].lower(), None)
+        if handler is None:
+            self.log.warning("ignoring %s: not supported yet", name)
+            return
+        self.log.info("received %s", name)
+        handler()
+
+    def handle_term(self) -> None:
+        self.begin_stop("graceful")
+
+    def handle_int(self) -> None:
+        self.begin_stop("quick")
+
+    handle_quit = handle_int
+
+    # ================================================================ workers
+    def spawn(self, slot: int) -> WorkerRecord:
+        spec = {
+            "name": self.cfg.name, "slot": slot, "generation": self.generation,
+            "app": self.cfg.app, "chdir": self.cfg.chdir, "control": self.socket_path,
+            "families": sorted({b.family for b in self.cfg.bind}),
+            "backlog": self.cfg.backlog, "graceful_timeout": self.cfg.graceful_timeout,
+            "access_log": self.cfg.access_log, "error_log": self.cfg.error_log,
+            "log_level": self.cfg.log_level,
+        }
+        listen_fd = self.router.listener_fd(slot)
+        pass_fds = ()
+        if listen_fd is not None:
+            spec["listen_fds"] = [listen_fd]
+            pass_fds = (listen_fd,)
+        popen = subprocess.Popen([sys.executable, "-m", "ipserve.worker", json.dumps(spec)],
+                                 stdin=subprocess.DEVNULL, start_new_session=True,
+                                 pass_fds=pass_fds)
+        record = WorkerRecord(pid=popen.pid, slot=slot, generation=self.generation,
+                              pidfd=os.pidfd_open(popen.pid), popen=popen)
+        self.track(record)
+        self.log.info("spawned worker pid %d for slot %d (generation %d)", record.pid, slot, record.generation)
+        return record
+
+    def track(self, record: WorkerRecord) -> None:
+        self.workers[record.pid] = record
+        self.selector.register(record.pidfd, selectors.EVENT_READ, ("pidfd", record))
+        record.measure()
+
+    def worker_exited(self, record: WorkerRecord) -> None:
+        self.selector.unregister(record.pidfd)
+        record.close()
+        self.workers.pop(record.pid, None)
+        code = record.popen.wait() if record.popen is not None else None
+        if record.conn is not None:
+            self.drop(record.conn)
+        lived = time.monotonic() - record.spawned_at
+        self.log_exit(record, code, lived)
+        if self.stopping or record.state == "retiring":
+            return
+        if record.ready_at is None or lived < DIED_YOUNG:
+            self.quick_failures[record.slot] += 1
+        else:
+            self.quick_failures[record.slot] = 0
+        delay = policy.respawn_delay(self.quick_failures[record.slot])
+        self.respawn_at[record.slot] = time.monotonic() + delay
+        if delay:
+            self.log.warning("slot %d: respawning in %.0fs (workers keep dying young)", record.slot, delay)
+
+    def log_exit(self, record: WorkerRecord, code: int | None, lived: float) -> None:
+        how = "exited" if code is None else (
+            f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}")
+        level = logging.INFO if self.stopping or record.state == "retiring" or code == 0 else logging.ERROR
+        self.log.log(level, "worker pid %d (slot %d, generation %d) %s after %.1fs",
+                     record.pid, record.slot, record.generation, how, lived)
+
+    def kill_slow_boots(self, now: float) -> None:
+        for record in list(self.workers.values()):
+            if record.state == "booting" and now - record.spawned_at > self.cfg.boot_timeout:
+                self.log.error("worker pid %d (slot %d) not ready after %.0fs: killing it",
+                               record.pid, record.slot, self.cfg.boot_timeout)
+                record.signal(signal.SIGKILL)
+                record.state = "killed"
+
+    def spawn_missing(self, now: float) -> None:
+        for slot in policy.slots_to_spawn(self.workers.values(), self.slots, self.generation):
+            if self.respawn_at.get(slot, 0.0) <= now:
+                self.respawn_at.pop(slot, None)
+                self.spawn(slot)
+
+    def measure(self, now: float) -> None:
+        if now - self.last_measure < 1.0:
+            return
+        self.last_measure = now
+        for record in self.workers.values():
+            record.measure()
+
+    # ================================================================ routes
+    def update_routes(self) -> None:
+        desired = policy.desired_routes(self.workers.values(), self.slots)
+        if not desired or desired == self.installed:
+            return
+        try:
+            self.router.apply(desired)
+        except RouteError as exc:
+            # The kernel keeps the previous routes; try again next tick.
+            if str(exc) != self.route_error:
+                self.log.error("routing update failed, previous routes kept: %s", exc)
+            self.route_error = str(exc)
+            return
+        self.route_error = None
+        self.log.debug("routes: %s", desired)
+        if not self.installed:
+            self.log.info("routing %d slots via %s", self.slots, self.router.name)
+        self.installed = desired
+
+    # ================================================================ control socket
+    def accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(False)
+        conn = Connection(sock)
+        self.selector.register(sock, selectors.EVENT_READ, ("conn", conn))
+
+    def drop(self, conn: Connection) -> None:
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        if conn.worker is not None and conn.worker.conn is conn:
+            conn.worker.conn = None
+
+    def read(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.drop(conn)
+            return
+        try:
+            messages = conn.reader.feed(data)
+        except ValueError as exc:
+            self.log.warning("dropping a control connection: %s", exc)
+            self.drop(conn)
+            return
+        for message in messages:
+            if "cmd" in message:
+                conn.sock.setblocking(True)
+                conn.sock.settimeout(2.0)
+                conn.send(self.command(message))
+                self.drop(conn)
+                return
+            self.worker_message(conn, message)
+
+    def worker_message(self, conn: Connection, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "ready":
+            self.worker_ready(conn, message)
+            return
+        record = conn.worker
+        if record is None:
+            return
+        record.last_seen = time.monotonic()
+        if kind == "heartbeat":
+            record.connections = int(message.get("connections", 0))
+            record.requests = int(message.get("requests", 0))
+            record.lag_ms = float(message.get("lag_ms", 0.0))
+
+    def worker_ready(self, conn: Connection, message: dict) -> None:
+        pid = control.peer_pid(conn.sock)
+        if message.get("pid") != pid or message.get("name") != self.cfg.name:
+            self.log.warning("control peer pid %d claimed to be %r: ignored", pid, message)
+            self.drop(conn)
+            return
+        record = self.workers.get(pid)
+        if record is None:
+            self.log.warning("worker pid %d (slot %s, generation %s) is not one of ours yet: "
+                             "adoption comes with generations", pid, message.get("slot"),
+                             message.get("generation"))
+            self.drop(conn)
+            return
+        conn.worker = record
+        record.conn = conn
+        record.port = int(message["port"])
+        record.last_seen = time.monotonic()
+        if record.state == "booting":
+            record.state = "active"
+            record.ready_at = time.monotonic()
+            self.log.info("worker pid %d ready: slot %d on port %d", pid, record.slot, record.port)
+        self.update_routes()
+
+    def command(self, message: dict) -> dict:
+        cmd = message.get("cmd")
+        if cmd == "status":
+            return self.status()
+        if cmd == "stop":
+            self.pending_signals.append(signal.SIGTERM)
+            return {"ok": True, "message": "graceful stop started"}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def status(self) -> dict:
+        workers = sorted(self.workers.values(), key=lambda w: (w.generation, w.slot))
+        return {
+            "name": self.cfg.name, "router": self.router.name,
+            "routing": self.router.describe(),
+            "bind": [str(b) for b in self.cfg.bind], "app": self.cfg.app,
+            "master": {"pid": os.getpid(), "generation": self.generation,
+                       "uptime_s": round(time.time() - self.started, 1),
+                       "stopping": self.stopping},
+            "slots": self.slots,
+            "routes": {str(slot): port for slot, port in sorted(self.installed.items())},
+            "route_error": self.route_error,
+            "workers": [w.as_status() for w in workers],
+        }
+
+    # ================================================================ stopping
+    def begin_stop(self, how: str) -> None:
+        if self.stopping == "quick" or self.stopping == how:
+            return
+        self.stopping = how
+        self.remove_routes()
+        if how == "graceful":
+            self.stop_deadline = time.monotonic() + self.cfg.graceful_timeout + 2.0
+            self.log.info("graceful stop: workers finish what they hold (up to %.0fs)",
+                          self.cfg.graceful_timeout)
+            for record in self.workers.values():
+                record.signal(signal.SIGTERM)
+        else:
+            self.stop_deadline = time.monotonic() + 2.0
+            self.log.info("quick stop")
+            for record in self.workers.values():
+                record.signal(signal.SIGQUIT)
+
+    def remove_routes(self) -> None:
+        try:
+            self.router.remove()
+            self.installed = {}
+        except RouteError as exc:
+            self.log.error("could not remove the routing rules: %s (run ipservectl cleanup)", exc)
+
+    def stop_step(self) -> bool:
+        """One step of stopping; True once every worker is gone."""
+        if not self.workers:
+            return True
+        if time.monotonic() > self.stop_deadline:
+            if self.killed_at_deadline:
+                self.log.error("workers %s survive SIGKILL; giving up on them", sorted(self.workers))
+                return True
+            for record in self.workers.values():
+                self.log.warning("worker pid %d still running at the deadline: SIGKILL", record.pid)
+                record.signal(signal.SIGKILL)
+            self.killed_at_deadline = True
+            self.stop_deadline = time.monotonic() + 5.0
+        return False
+
+    def close(self) -> None:
+        for path in (self.socket_path,):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass

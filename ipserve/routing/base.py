@@ -1,0 +1,89 @@
+"""What every routing backend offers the master."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from typing import Callable, Sequence
+
+from ipserve.config import Bind
+
+
+class RouterUnavailable(Exception):
+    """This backend cannot run here; the message says what is missing."""
+
+
+class RouteError(Exception):
+    """A rule write failed; the kernel still holds the previous routes."""
+
+
+# Injected so rule logic can be exercised without root; production passes
+# subprocess.run.
+Runner = Callable[..., subprocess.CompletedProcess]
+
+
+def run_command(argv: Sequence[str], input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=30)
+
+
+def has_net_admin() -> bool:
+    """True if this process holds CAP_NET_ADMIN (bit 12) in its effective set."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) & (1 << 12))
+    except OSError:
+        pass
+    return os.geteuid() == 0
+
+
+NET_ADMIN_HINT = (
+    "NAT routing needs CAP_NET_ADMIN: run ipserve as root, or grant the capability "
+    "(e.g. systemd AmbientCapabilities=CAP_NET_ADMIN, or docker --cap-add NET_ADMIN)"
+)
+
+
+def need_tool(tool: str, package: str) -> str:
+    path = shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if path is None:
+        raise RouterUnavailable(f"{tool} is not installed (Debian/Ubuntu: apt-get install {package})")
+    return path
+
+
+class Router:
+    """A backend that pins every client to a slot's worker.
+
+    `apply(table)` makes the kernel route slot -> port for every slot in
+    `table` (whose length is the slot count), atomically: on failure it raises
+    RouteError and the previous routes stay in force. `remove()` deletes the
+    backend's own table or chain and nothing else; it is idempotent.
+    """
+
+    name = "?"
+
+    def __init__(self, instance: str, binds: Sequence[Bind], runner: Runner = run_command):
+        self.instance = instance
+        self.binds = tuple(binds)
+        self.run = runner
+
+    def check(self) -> None:
+        """Raise RouterUnavailable if this backend cannot work here."""
+
+    def apply(self, table: dict[int, int]) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        raise NotImplementedError
+
+    def listener_fd(self, slot: int) -> int | None:
+        """A listening socket the worker of `slot` must accept on, or None if
+        the worker binds its own port."""
+        return None
+
+    def describe(self) -> dict:
+        return {"router": self.name}
+
+    def families(self) -> list[int]:
+        return sorted({b.family for b in self.binds})

@@ -1,0 +1,40 @@
+"""Slot arithmetic: which worker slot a client address belongs to.
+
+Pure functions only; the backends turn their results into kernel rules.
+A client's slot is the low bits of its source address: saddr & (slots - 1).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+
+def mask(slots: int) -> int:
+    if slots < 1 or slots & (slots - 1):
+        raise ValueError(f"slot count must be a power of two, not {slots}")
+    return slots - 1
+
+
+def slot_of(address: str, slots: int) -> int:
+    """The slot the kernel will pick for a client at `address`."""
+    return int(ipaddress.ip_address(address)) & mask(slots)
+
+
+def route_table(slots: int, ready: dict[int, int]) -> dict[int, int]:
+    """Map every slot to a port, given the ports of the slots whose worker is ready.
+
+    A slot without a ready worker is covered by the next ready slot (wrapping
+    around), so no client is ever routed to a dead port. Returns {} when no
+    worker at all is ready: then there is nothing to route to.
+    """
+    mask(slots)
+    if not ready:
+        return {}
+    table = {}
+    for slot in range(slots):
+        for step in range(slots):
+            candidate = (slot + step) % slots
+            if candidate in ready:
+                table[slot] = ready[candidate]
+                break
+    return table

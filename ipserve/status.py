@@ -1,0 +1,33 @@
+"""Rendering of the master's status for people (ipservectl status)."""
+
+from __future__ import annotations
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+COLUMNS = ("pid", "slot", "gen", "port", "state", "rss", "conns", "requests", "lag_ms", "nice", "age_s")
+
+
+def render_table(status: dict) -> str:
+    master = status["master"]
+    lines = [
+        f"{status['name']}: master pid {master['pid']}, generation {master['generation']}, "
+        f"router {status['router']}, bind {', '.join(status['bind'])}, app {status.get('app')}",
+    ]
+    if status.get("route_error"):
+        lines.append(f"routing error (previous routes kept): {status['route_error']}")
+    rows = [COLUMNS]
+    for w in status["workers"]:
+        rows.append((str(w["pid"]), str(w["slot"]), str(w["generation"]), str(w["port"] or "-"),
+                     w["state"], human_size(w["rss"]), str(w["connections"]), str(w["requests"]),
+                     f"{w['lag_ms']:.1f}", str(w["nice"]), f"{w['age_s']:.0f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    for row in rows:
+        lines.append("  ".join(cell.rjust(width) for cell, width in zip(row, widths)).rstrip())
+    return "\n".join(lines)

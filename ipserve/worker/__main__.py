@@ -1,0 +1,3 @@
+from ipserve.worker.main import main
+
+main()

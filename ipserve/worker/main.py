@@ -1,0 +1,212 @@
+"""Worker entry point: `python -m ipserve.worker SPEC_JSON` (spawned by the master)
+or `python -m ipserve.worker --check APP [CHDIR]` (the master's pre-flight import).
+
+gevent's monkey-patching comes first, before the application is imported.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import errno  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import gevent  # noqa: E402
+
+from ipserve import app as app_loader  # noqa: E402
+from ipserve import logs  # noqa: E402
+from ipserve.control import LineReader, encode  # noqa: E402
+from ipserve.worker.lag import HubLagMeter  # noqa: E402
+from ipserve.worker.server import Server  # noqa: E402
+
+
+def check_app(spec: str, chdir: str | None) -> int:
+    try:
+        app_loader.load(spec, chdir)
+    except app_loader.AppError as exc:
+        print(f"ipserve: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def listen(families: list[int], backlog: int) -> list[socket.socket]:
+    """Listen on the wildcard of every family, on one port shared by all."""
+    for _ in range(50):
+        sockets: list[socket.socket] = []
+        port = 0
+        try:
+            for family in families:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sockets.append(sock)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+                port = sock.getsockname()[1]
+                sock.listen(backlog)
+            return sockets
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, "no port free in every family")
+
+
+class Worker:
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.name = spec["name"]
+        self.slot = spec["slot"]
+        self.generation = spec["generation"]
+        self.log = logs.setup_error_log(spec["error_log"], spec["log_level"])
+        self.access_log = logs.setup_access_log(spec["access_log"])
+        self.servers: list[Server] = []
+        self.port = 0
+        self.state = "booting"
+        self.lag = HubLagMeter()
+        self.link = None          # socket to the master, when connected
+        self.started = time.time()
+
+    # -------------------------------------------------------------- start-up
+    def run(self) -> None:
+        application = app_loader.load(self.spec["app"], self.spec.get("chdir"))
+        if self.spec.get("listen_fds"):
+            listeners = [socket.socket(fileno=fd) for fd in self.spec["listen_fds"]]
+        else:
+            listeners = listen(self.spec["families"], self.spec["backlog"])
+        self.port = listeners[0].getsockname()[1]
+        worker_info = {"slot": self.slot, "generation": self.generation, "pid": os.getpid(),
+                       "name": self.name}
+        for listener in listeners:
+            server = Server(listener, application, log=self.access_log or None,
+                            error_log=self.log, environ={"ipserve.worker": worker_info})
+            server.start()
+            self.servers.append(server)
+        self._set_title()
+        self.lag.start()
+        self.state = "active"
+        gevent.signal_handler(signal.SIGTERM, self.stop, self.spec["graceful_timeout"])
+        gevent.signal_handler(signal.SIGQUIT, self.quit)
+        gevent.signal_handler(signal.SIGINT, lambda: None)  # the master decides
+        self.log.info("worker slot %d gen %d listening on port %d", self.slot, self.generation, self.port)
+        self.link_loop()
+
+    def _set_title(self) -> None:
+        try:
+            import setproctitle
+            setproctitle.setproctitle(
+                f"ipserve: worker [{self.name}] slot {self.slot} gen {self.generation} :{self.port}")
+        except ImportError:
+            pass
+
+    # -------------------------------------------------------------- stats
+    def connections(self) -> int:
+        return sum(s.connections for s in self.servers)
+
+    def requests(self) -> int:
+        return sum(s.requests for s in self.servers)
+
+    def hello(self) -> dict:
+        return {"type": "ready", "pid": os.getpid(), "slot": self.slot,
+                "generation": self.generation, "port": self.port, "name": self.name,
+                "state": self.state, "started": self.started,
+                "connections": self.connections(), "requests": self.requests()}
+
+    def heartbeat(self) -> dict:
+        return {"type": "heartbeat", "connections": self.connections(),
+                "requests": self.requests(), "lag_ms": round(self.lag.take_peak(), 2),
+                "state": self.state}
+
+    # -------------------------------------------------------------- master link
+    def link_loop(self) -> None:
+        """Stay connected to whichever master owns the control socket.
+
+        The worker serves whether or not a master is there; when the link
+        breaks it reconnects every half second and says who it is again.
+        """
+        path = self.spec["control"]
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(path)
+                sock.sendall(encode(self.hello()))
+            except OSError:
+                sock.close()
+                gevent.sleep(0.5)
+                continue
+            self.link = sock
+            beats = gevent.spawn(self._beat, sock)
+            try:
+                self._read_commands(sock)
+            finally:
+                beats.kill()
+                self.link = None
+                sock.close()
+            self.log.info("lost the master; reconnecting")
+            gevent.sleep(0.5)
+
+    def _beat(self, sock: socket.socket) -> None:
+        while True:
+            gevent.sleep(1.0)
+            try:
+                sock.sendall(encode(self.heartbeat()))
+            except OSError:
+                return
+
+    def _read_commands(self, sock: socket.socket) -> None:
+        reader = LineReader()
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            for message in reader.feed(data):
+                self.command(message)
+
+    def command(self, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "stop":
+            gevent.spawn(self.stop, float(message.get("timeout", self.spec["graceful_timeout"])))
+        elif kind == "quit":
+            self.quit()
+        else:
+            self.log.warning("unknown command from master: %r", message)
+
+    # -------------------------------------------------------------- ending
+    def stop(self, timeout: float) -> None:
+        """Stop accepting, let held connections finish for up to `timeout`, exit."""
+        if self.state == "stopping":
+            return
+        self.state = "stopping"
+        self.log.info("stopping: %d connection(s) may finish within %.0fs", self.connections(), timeout)
+        for server in self.servers:
+            server.close()
+        deadline = time.monotonic() + timeout
+        while self.connections() and time.monotonic() < deadline:
+            gevent.sleep(0.1)
+        self.quit()
+
+    def quit(self) -> None:
+        os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--check":
+        sys.exit(check_app(argv[1], argv[2] if len(argv) > 2 else None))
+    spec = json.loads(argv[0])
+    worker = Worker(spec)
+    try:
+        worker.run()
+    except app_loader.AppError as exc:
+        worker.log.error("%s", exc)
+        sys.exit(3)
