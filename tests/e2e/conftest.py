@@ -1,0 +1,138 @@
+"""pytest fixtures for the end-to-end tests, built on netns.py.
+
+  testbed        a fresh Testbed (server ns + one client ns), always closed
+  make_testbed   factory: make_testbed(n_clients=4) -> Testbed, all closed at teardown
+  ipserve        factory: ipserve(args, env=None, **kw) -> IpserveProcess started in
+                 the `testbed` server namespace with its own -n name and
+                 --runtime-dir; masters and workers are killed at teardown, and
+                 a failing test's report carries the tail of every ipserve log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import netns  # noqa: E402
+from netns import IpserveProcess, Testbed  # noqa: E402
+
+NEEDS_ROOT = "needs root to create network namespaces"
+
+_ipserve_key = pytest.StashKey[list]()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    # A SIGTERM to pytest (CI timeouts, `timeout`) should unwind like Ctrl-C, so
+    # fixtures tear down and namespaces and processes are removed.
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    if os.geteuid() == 0:
+        netns.sweep_stale()          # leftovers of runs that were SIGKILLed
+
+
+def pytest_unconfigure(config):
+    netns._close_live_testbeds()
+
+
+def _require_root():
+    if os.geteuid() != 0:
+        pytest.skip(NEEDS_ROOT)
+
+
+@pytest.fixture
+def testbed():
+    _require_root()
+    tb = Testbed()
+    try:
+        yield tb
+    finally:
+        tb.close()
+
+
+@pytest.fixture
+def make_testbed():
+    _require_root()
+    made: list[Testbed] = []
+
+    def make(n_clients: int = 1, **kwargs) -> Testbed:
+        tb = Testbed(n_clients=n_clients, **kwargs)
+        made.append(tb)
+        return tb
+
+    try:
+        yield make
+    finally:
+        errors = []
+        for tb in reversed(made):
+            try:
+                tb.close()
+            except Exception as exc:        # noqa: BLE001
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture
+def ipserve(request, testbed, tmp_path):
+    """Factory: ipserve(args, env=None, testbed=None, **kw) -> IpserveProcess.
+
+    Starts ``python -m ipserve.cli <args> -n <unique> --runtime-dir <private>``
+    in the server namespace of `testbed` (default: the `testbed` fixture; pass
+    one from make_testbed for several client namespaces). Other keywords go to
+    netns.start_ipserve. Logs go to tmp_path/ipserve-<name>.log (kept by pytest).
+    At teardown every master and every worker ever seen is killed, then
+    anything else left in the server namespaces."""
+    procs: list[IpserveProcess] = []
+    request.node.stash[_ipserve_key] = procs
+
+    def start(args, env=None, testbed=None, **kwargs) -> IpserveProcess:
+        tb = testbed or default_testbed
+        args = [str(a) for a in args]
+        name = (netns._opt_value(args, "-n", "--name") or kwargs.pop("name", None)
+                or netns.unique_name())
+        kwargs.setdefault("log_path", str(tmp_path / f"ipserve-{name}.log"))
+        proc = netns.start_ipserve(tb, args, env, name=name, **kwargs)
+        procs.append(proc)
+        return proc
+
+    default_testbed = testbed
+    try:
+        yield start
+    finally:
+        errors = []
+        for proc in reversed(procs):
+            try:
+                proc.cleanup()
+            except Exception as exc:        # noqa: BLE001
+                errors.append(exc)
+        # Anything the masters started that never showed up in a status.
+        for ns in dict.fromkeys(p.ns for p in procs):
+            try:
+                netns.kill_ns_processes(ns, grace=0.5)
+            except Exception as exc:        # noqa: BLE001
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        for proc in item.stash.get(_ipserve_key, []):
+            state = ("running" if proc.running() else f"exit code {proc.returncode}")
+            report.sections.append(
+                (f"ipserve {proc.name} log ({state}, {proc.log_path}) - last lines",
+                 proc.log_tail(80)))
+    return report
