@@ -14,7 +14,9 @@ import traceback
 
 
 class AppError(Exception):
-    pass
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail   # the original traceback, for the worker's log
 
 
 def split(spec: str) -> tuple[str, str]:
@@ -61,9 +63,9 @@ def load(spec: str, chdir: str | None = None):
         if exc.name and target.startswith(exc.name):
             raise AppError(f"cannot import APP {spec!r}: no module named {exc.name!r} "
                            f"(looked in {base_dir} and sys.path)") from None
-        raise AppError(f"cannot import APP {spec!r}: {_where(exc)}") from None
+        raise AppError(f"cannot import APP {spec!r}: {_where(exc)}", traceback.format_exc()) from None
     except BaseException as exc:  # an app may raise anything while importing
-        raise AppError(f"cannot import APP {spec!r}: {_where(exc)}") from None
+        raise AppError(f"cannot import APP {spec!r}: {_where(exc)}", traceback.format_exc()) from None
     call = attr.endswith("()")
     name = attr[:-2] if call else attr
     if not name.isidentifier():
@@ -76,7 +78,8 @@ def load(spec: str, chdir: str | None = None):
         try:
             obj = obj()
         except BaseException as exc:
-            raise AppError(f"APP {spec!r}: calling {name}() failed: {_where(exc)}") from None
+            raise AppError(f"APP {spec!r}: calling {name}() failed: {_where(exc)}",
+                           traceback.format_exc()) from None
     if not callable(obj):
         raise AppError(f"APP {spec!r}: {name!r} is not callable")
     return obj

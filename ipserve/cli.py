@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import ipserve
-from ipserve import config, control
+from ipserve import config
 
 USAGE_ERROR = 2
 
@@ -60,15 +60,6 @@ def check_app(cfg: config.Config) -> None:
         print(message if message.startswith("ipserve: error:") else f"ipserve: error: {message}",
               file=sys.stderr)
         sys.exit(USAGE_ERROR)
-
-
-def already_running(cfg: config.Config) -> int | None:
-    path = control.socket_path(cfg.runtime_dir, cfg.name)
-    try:
-        reply = control.request(path, {"cmd": "status"}, timeout=3.0)
-    except (control.ControlUnavailable, OSError):
-        return None
-    return reply.get("master", {}).get("pid")
 
 
 def main(argv: list[str] | None = None) -> None:

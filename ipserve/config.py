@@ -171,6 +171,12 @@ def parse_binds(value: Any) -> tuple[Bind, ...]:
     return binds
 
 
+def parse_optional_duration(value: Any) -> float | None:
+    if value is None or value in ("", "none", "0", 0):
+        return None
+    return parse_duration(value)
+
+
 def parse_optional_path(value: Any) -> str | None:
     if value is None or value == "":
         return None
@@ -213,7 +219,7 @@ def default_runtime_dir() -> str:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-ROUTERS = ("auto", "nft", "iptables", "iptc")
+ROUTERS = ("auto", "nft", "iptables", "iptc", "reuseport")
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("app", parse_str, None,
@@ -245,6 +251,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("boot_timeout", parse_duration, 30.0,
             "How long a new worker may take to say ready before it is killed and replaced.",
             metavar="DURATION"),
+    Setting("retired_nice", parse_int, 10,
+            "Nice value a retiring worker is given while it drains its connections.",
+            metavar="N"),
+    Setting("retired_timeout", parse_optional_duration, None,
+            "How long a retiring worker may keep its connections before they are "
+            "closed (WebSockets with code 1001). Default: no limit.", metavar="DURATION"),
+    Setting("spawn_interval", parse_duration, 0.1,
+            "Pause between starting two workers of a new generation, so a reload "
+            "is not a boot storm.", metavar="DURATION"),
     Setting("backlog", parse_int, 2048,
             "Listen backlog of each worker's socket.", metavar="N"),
     Setting("log_level", choice(*LOG_LEVELS), "info",
@@ -262,6 +277,7 @@ BY_NAME = {s.name: s for s in SETTINGS}
 class Config:
     values: dict[str, Any]
     sources: dict[str, str]
+    cli: dict[str, Any] = dataclasses.field(default_factory=dict)  # to resolve again on reload
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -346,7 +362,7 @@ def resolve(cli: dict[str, Any], environ: dict[str, str] | None = None) -> Confi
     if values["app"] is None:
         raise ConfigError("no APP given: ipserve module:callable (see ipserve --help)")
     values["config"] = config_path
-    return Config(values, sources)
+    return Config(values, sources, dict(cli))
 
 
 # ---------------------------------------------------------------- CLI + docs

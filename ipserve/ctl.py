@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="Show the master and every worker.")
     st.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     sub.add_parser("stop", help="Graceful stop (like kill -TERM on the master).")
+    sub.add_parser("reload", help="Start a new generation of workers (like kill -HUP).")
+    sub.add_parser("kill-retired", help="Close the connections of retiring workers (like kill -USR1).")
     cl = sub.add_parser("cleanup", help="Remove this instance's firewall rules and stale files "
                                         "(when no master is running).")
     cl.add_argument("-b", "--bind", action="append", default=None,

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from ipserve import cli, control, logs, routing
 from ipserve.config import Config
 from ipserve.master.supervisor import Master
+from ipserve.master.takeover import take_over
+
+# Orphaned workers retry the control socket every 0.5 s; give them three tries
+# to be adopted before a new generation is started beside them.
+ADOPTION_WINDOW = 1.5
 
 
 def prepare_runtime_dir(path: str) -> None:
@@ -25,13 +31,6 @@ def serve(cfg: Config) -> int:
     except routing.RouterUnavailable as exc:
         cli.fail(str(exc))
     prepare_runtime_dir(cfg.runtime_dir)
-    running = cli.already_running(cfg)
-    if running:
-        cli.fail(f"an instance named {cfg.name!r} is already running (master pid {running}); "
-                 f"stop it or choose another --name")
-    path = control.socket_path(cfg.runtime_dir, cfg.name)
-    if os.path.exists(path):
-        os.unlink(path)  # left by a master that died; nobody answers on it
     log = logs.setup_error_log(cfg.error_log, cfg.log_level)
     log.info("ipserve %s: %s", __import__("ipserve").__version__, why)
     try:
@@ -39,14 +38,15 @@ def serve(cfg: Config) -> int:
         setproctitle.setproctitle(f"ipserve: master [{cfg.name}]")
     except ImportError:
         pass
-    # Rules left by a crashed run of the same name point at dead ports.
-    try:
-        router.remove()
-    except routing.RouteError as exc:
-        cli.fail(f"cannot clear old rules of {cfg.name!r}: {exc}")
+    # A master of this name that runs, hangs or died leaves workers that may
+    # still serve: the old rules stay until the first write replaces them, and
+    # the workers reconnect to us to be adopted.
+    previous = take_over(control.socket_path(cfg.runtime_dir, cfg.name), cfg.pid, cfg.name, log)
     with open(cfg.pid, "w") as fh:
         fh.write(f"{os.getpid()}\n")
     master = Master(cfg, router, log)
+    if previous is not None:
+        master.adopting_until = time.monotonic() + ADOPTION_WINDOW
     try:
         return master.run()
     finally:

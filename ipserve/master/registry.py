@@ -20,6 +20,9 @@ class WorkerRecord:
     port: int | None = None
     spawned_at: float = dataclasses.field(default_factory=time.monotonic)
     ready_at: float | None = None
+    retired_at: float | None = None
+    adopted: bool = False
+    boot_error: str | None = None     # why it never became ready, if it said
     last_seen: float = dataclasses.field(default_factory=time.monotonic)
     conn: object = None               # the worker's control connection, if any
     popen: object = None              # set when this master spawned it (to reap it)
@@ -57,5 +60,7 @@ class WorkerRecord:
         return {"pid": self.pid, "slot": self.slot, "generation": self.generation,
                 "port": self.port, "state": self.state, "rss": self.rss,
                 "connections": self.connections, "requests": self.requests,
-                "lag_ms": self.lag_ms, "nice": self.nice,
-                "age_s": round(time.monotonic() - self.spawned_at, 1)}
+                "lag_ms": self.lag_ms, "nice": self.nice, "adopted": self.adopted,
+                "age_s": round(time.monotonic() - self.spawned_at, 1),
+                "retired_for_s": None if self.retired_at is None
+                else round(time.monotonic() - self.retired_at, 1)}

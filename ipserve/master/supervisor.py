@@ -18,8 +18,8 @@ import subprocess
 import sys
 import time
 
-from ipserve import control
-from ipserve.config import Config
+from ipserve import config, control, logs
+from ipserve.config import Config, ConfigError
 from ipserve.master import policy
 from ipserve.master.registry import WorkerRecord
 from ipserve.routing import RouteError, Router
@@ -27,7 +27,9 @@ from ipserve.routing import RouteError, Router
 TICK = 0.25
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
-DIED_YOUNG = 5.0  # a worker that dies sooner than this after spawning backs its slot off
+DIED_YOUNG = 5.0
+# Settings a running master cannot change: they name its socket, rules and port.
+FIXED_ON_RELOAD = ("bind", "name", "runtime_dir", "router", "pid")  # a worker that dies sooner than this after spawning backs its slot off
 
 
 class Connection:
@@ -63,6 +65,11 @@ class Master:
         self.quick_failures: dict[int, int] = collections.defaultdict(int)
         self.respawn_at: dict[int, float] = {}
         self.route_error: str | None = None
+        self.spawn_queue: list[int] = []          # slots of a reload still to start
+        self.next_spawn = 0.0
+        self.reload: dict | None = None           # the last reload and its outcome
+        self.adopting_until = 0.0                 # after a takeover: wait for workers to reconnect
+        self.handed_over = False
         self.last_measure = 0.0
         self.started = time.time()
         self.socket_path = control.socket_path(cfg.runtime_dir, cfg.name)
@@ -108,6 +115,8 @@ class Master:
                     self.drain_wakeups()
             while self.pending_signals:
                 self.handle_signal(self.pending_signals.popleft())
+            if self.handed_over:
+                return 0
             if self.stopping:
                 if self.stop_step():
                     return 0
@@ -117,9 +126,18 @@ class Master:
     def tick(self) -> None:
         now = time.monotonic()
         self.measure(now)
+        if now < self.adopting_until:
+            return  # workers of the previous master are still reconnecting
+        if self.adopting_until:
+            self.adopting_until = 0.0
+            self.end_adoption()
         self.kill_slow_boots(now)
+        self.spawn_reload(now)
         self.spawn_missing(now)
-        self.update_routes()
+        if self.update_routes():
+            self.retire_superseded()
+        self.close_overdue(now)
+        self.check_reload()
 
     # ================================================================ signals
     def drain_wakeups(self) -> None:
@@ -145,6 +163,133 @@ class Master:
         self.begin_stop("quick")
 
     handle_quit = handle_int
+
+    def handle_hup(self) -> None:
+        self.begin_reload()
+
+    def handle_usr1(self) -> None:
+        self.close_retiring("kill-retired requested")
+
+    def handle_usr2(self) -> None:
+        logs.setup_error_log(self.cfg.error_log, self.cfg.log_level)
+        self.log.info("log files reopened")
+        for record in self.workers.values():
+            if record.conn is not None:
+                record.conn.send({"type": "reopen"})
+
+    def handle_ttin(self) -> None:
+        if self.slots >= 1024:
+            self.log.warning("TTIN ignored: already at 1024 workers")
+            return
+        self.begin_reload(slots=self.slots * 2)
+
+    def handle_ttou(self) -> None:
+        if self.slots == 1:
+            self.log.warning("TTOU ignored: already at one worker")
+            return
+        self.begin_reload(slots=self.slots // 2)
+
+    # ================================================================ generations
+    def begin_reload(self, slots: int | None = None) -> None:
+        """Start a new generation; its workers take their slots as they say ready."""
+        try:
+            cfg = self.reread_config()
+        except ConfigError as exc:
+            self.log.error("reload refused, the running generation keeps serving: %s", exc)
+            self.reload = {"generation": None, "state": "failed", "error": str(exc),
+                           "started": time.time(), "finished": time.time()}
+            return
+        self.cfg = cfg
+        if slots is not None:
+            self.slots = slots
+        elif cfg.workers != self.slots:
+            self.slots = cfg.workers
+        self.generation = policy.next_generation(self.generation, self.workers.values())
+        self.spawn_queue = list(range(self.slots))
+        self.next_spawn = 0.0
+        self.reload = {"generation": self.generation, "state": "in progress", "error": None,
+                       "slots": self.slots, "started": time.time(), "finished": None,
+                       "t0": time.monotonic()}
+        self.log.info("reload: starting generation %d with %d workers", self.generation, self.slots)
+
+    def reread_config(self) -> Config:
+        fresh = config.resolve(self.cfg.cli)
+        for key in FIXED_ON_RELOAD:
+            if fresh.values[key] != self.cfg.values[key]:
+                self.log.warning("reload: %s cannot change on reload (restart to apply); keeping %r",
+                                 key, self.cfg.values[key])
+                fresh.values[key] = self.cfg.values[key]
+        return fresh
+
+    def spawn_reload(self, now: float) -> None:
+        # One worker per spawn_interval: a reload of many workers is not a boot storm.
+        while self.spawn_queue and now >= self.next_spawn:
+            self.spawn(self.spawn_queue.pop(0))
+            self.next_spawn = now + self.cfg.spawn_interval
+            if self.cfg.spawn_interval > 0:
+                break
+
+    def check_reload(self) -> None:
+        r = self.reload
+        if r is None or r["state"] != "in progress" or self.spawn_queue:
+            return
+        ready = {w.slot for w in self.workers.values()
+                 if w.generation == r["generation"] and w.state == "active"}
+        if ready >= set(range(self.slots)):
+            r["state"] = "done"
+            r["finished"] = time.time()
+            r["seconds"] = round(time.monotonic() - r["t0"], 3)
+            self.log.info("reload: generation %d took every slot in %.2fs", r["generation"], r["seconds"])
+
+    def fail_reload(self, record: WorkerRecord, why: str) -> None:
+        r = self.reload
+        r.update(state="failed", error=why, finished=time.time())
+        self.spawn_queue = []
+        self.log.error("reload to generation %d failed, the previous generation keeps serving: %s",
+                       r["generation"], why)
+        for other in self.workers.values():
+            if other.generation == r["generation"] and other.state == "booting":
+                other.signal(signal.SIGKILL)
+                other.state = "killed"
+
+    def retire_superseded(self) -> None:
+        for record in policy.superseded(self.workers.values(), self.slots):
+            self.retire(record)
+
+    def retire(self, record: WorkerRecord) -> None:
+        """Stop giving it work: it closes its listener and drains at a lower priority."""
+        record.state = "retiring"
+        record.retired_at = time.monotonic()
+        try:
+            os.setpriority(os.PRIO_PROCESS, record.pid, self.cfg.retired_nice)
+        except OSError as exc:
+            self.log.warning("could not renice worker pid %d: %s", record.pid, exc)
+        record.measure()
+        if record.conn is not None:
+            record.conn.send({"type": "retire"})
+        self.log.info("worker pid %d (slot %d, generation %d) retiring with %d connection(s)",
+                      record.pid, record.slot, record.generation, record.connections)
+
+    def close_retiring(self, why: str) -> None:
+        for record in self.workers.values():
+            if record.state == "retiring":
+                self.log.info("closing retired worker pid %d: %s", record.pid, why)
+                if record.conn is None or not record.conn.send({"type": "close"}):
+                    record.signal(signal.SIGQUIT)
+
+    def close_overdue(self, now: float) -> None:
+        for record in policy.overdue_retirees(self.workers.values(), now, self.cfg.retired_timeout):
+            if record.conn is not None:
+                record.conn.send({"type": "close"})
+            else:
+                record.signal(signal.SIGQUIT)
+            record.retired_at = now  # ask again after another retired_timeout if it lingers
+
+    def end_adoption(self) -> None:
+        adopted = [w for w in self.workers.values() if w.adopted]
+        self.log.info("adopted %d worker(s) of the previous master", len(adopted))
+        if adopted:
+            self.begin_reload()  # a fresh generation replaces them, as on HUP
 
     # ================================================================ workers
     def spawn(self, slot: int) -> WorkerRecord:
@@ -186,6 +331,11 @@ class Master:
         self.log_exit(record, code, lived)
         if self.stopping or record.state == "retiring":
             return
+        r = self.reload
+        if (r is not None and r["state"] == "in progress" and record.generation == r["generation"]
+                and record.ready_at is None):
+            self.fail_reload(record, record.boot_error or
+                             f"worker pid {record.pid} (slot {record.slot}) exited before it was ready")
         if record.ready_at is None or lived < DIED_YOUNG:
             self.quick_failures[record.slot] += 1
         else:
@@ -207,11 +357,14 @@ class Master:
             if record.state == "booting" and now - record.spawned_at > self.cfg.boot_timeout:
                 self.log.error("worker pid %d (slot %d) not ready after %.0fs: killing it",
                                record.pid, record.slot, self.cfg.boot_timeout)
+                record.boot_error = f"worker pid {record.pid} (slot {record.slot}) not ready within boot_timeout"
                 record.signal(signal.SIGKILL)
                 record.state = "killed"
 
     def spawn_missing(self, now: float) -> None:
-        for slot in policy.slots_to_spawn(self.workers.values(), self.slots, self.generation):
+        for slot in policy.slots_to_spawn(self.workers.values(), self.slots):
+            if slot in self.spawn_queue:
+                continue
             if self.respawn_at.get(slot, 0.0) <= now:
                 self.respawn_at.pop(slot, None)
                 self.spawn(slot)
@@ -224,10 +377,13 @@ class Master:
             record.measure()
 
     # ================================================================ routes
-    def update_routes(self) -> None:
+    def update_routes(self) -> bool:
+        """Make the kernel route what the workers' states say; True if it does."""
         desired = policy.desired_routes(self.workers.values(), self.slots)
-        if not desired or desired == self.installed:
-            return
+        if not desired:
+            return False
+        if desired == self.installed:
+            return True
         try:
             self.router.apply(desired)
         except RouteError as exc:
@@ -235,12 +391,13 @@ class Master:
             if str(exc) != self.route_error:
                 self.log.error("routing update failed, previous routes kept: %s", exc)
             self.route_error = str(exc)
-            return
+            return False
         self.route_error = None
         self.log.debug("routes: %s", desired)
         if not self.installed:
             self.log.info("routing %d slots via %s", self.slots, self.router.name)
         self.installed = desired
+        return True
 
     # ================================================================ control socket
     def accept(self) -> None:
@@ -291,6 +448,11 @@ class Master:
         if kind == "ready":
             self.worker_ready(conn, message)
             return
+        if kind == "boot-failed":
+            record = self.workers.get(control.peer_pid(conn.sock))
+            if record is not None:
+                record.boot_error = str(message.get("error"))[:2000]
+            return
         record = conn.worker
         if record is None:
             return
@@ -308,11 +470,10 @@ class Master:
             return
         record = self.workers.get(pid)
         if record is None:
-            self.log.warning("worker pid %d (slot %s, generation %s) is not one of ours yet: "
-                             "adoption comes with generations", pid, message.get("slot"),
-                             message.get("generation"))
-            self.drop(conn)
-            return
+            record = self.adopt(pid, message)
+            if record is None:
+                self.drop(conn)
+                return
         conn.worker = record
         record.conn = conn
         record.port = int(message["port"])
@@ -321,7 +482,28 @@ class Master:
             record.state = "active"
             record.ready_at = time.monotonic()
             self.log.info("worker pid %d ready: slot %d on port %d", pid, record.slot, record.port)
-        self.update_routes()
+        if record.state == "retiring":
+            conn.send({"type": "retire"})  # a reconnecting worker learns it again
+        if self.update_routes():
+            self.retire_superseded()
+
+    def adopt(self, pid: int, message: dict) -> WorkerRecord | None:
+        """Take over a worker another master started (it reconnected after that
+        master went away). Its identity was checked by the kernel (SO_PEERCRED)."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        state = message.get("state")
+        record = WorkerRecord(pid=pid, slot=int(message["slot"]), generation=int(message["generation"]),
+                              pidfd=pidfd, state="retiring" if state == "retiring" else "active",
+                              port=int(message["port"]), adopted=True, ready_at=time.monotonic())
+        if record.state == "retiring":
+            record.retired_at = time.monotonic()
+        self.track(record)
+        self.log.info("adopted worker pid %d (slot %d, generation %d, %s, %s connection(s))",
+                      pid, record.slot, record.generation, record.state, message.get("connections"))
+        return record
 
     def command(self, message: dict) -> dict:
         cmd = message.get("cmd")
@@ -330,6 +512,17 @@ class Master:
         if cmd == "stop":
             self.pending_signals.append(signal.SIGTERM)
             return {"ok": True, "message": "graceful stop started"}
+        if cmd == "reload":
+            self.pending_signals.append(signal.SIGHUP)
+            return {"ok": True, "message": "reload started (see status)"}
+        if cmd == "kill-retired":
+            self.pending_signals.append(signal.SIGUSR1)
+            return {"ok": True, "message": "retiring workers are closing their connections"}
+        if cmd == "handover":
+            # A new master takes over: leave workers, rules and socket file alone.
+            self.handed_over = True
+            self.log.info("handing over to a new master (pid %s); workers keep serving", message.get("pid"))
+            return {"ok": True, "pid": os.getpid()}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
     def status(self) -> dict:
@@ -341,6 +534,8 @@ class Master:
             "master": {"pid": os.getpid(), "generation": self.generation,
                        "uptime_s": round(time.time() - self.started, 1),
                        "stopping": self.stopping},
+            "reload": None if self.reload is None else
+            {k: v for k, v in self.reload.items() if k != "t0"},
             "slots": self.slots,
             "routes": {str(slot): port for slot, port in sorted(self.installed.items())},
             "route_error": self.route_error,
@@ -388,8 +583,10 @@ class Master:
         return False
 
     def close(self) -> None:
-        for path in (self.socket_path,):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        self.listener.close()
+        if self.handed_over:
+            return  # the socket path now belongs to the new master
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass

@@ -20,21 +20,22 @@ def slot_of(address: str, slots: int) -> int:
     return int(ipaddress.ip_address(address)) & mask(slots)
 
 
+def shared_low_bits(a: int, b: int) -> int:
+    """How many low bits two slots have in common (a == b counts as all)."""
+    diff = a ^ b
+    return 64 if diff == 0 else (diff & -diff).bit_length() - 1
+
+
 def route_table(slots: int, ready: dict[int, int]) -> dict[int, int]:
     """Map every slot to a port, given the ports of the slots whose worker is ready.
 
-    A slot without a ready worker is covered by the next ready slot (wrapping
-    around), so no client is ever routed to a dead port. Returns {} when no
-    worker at all is ready: then there is nothing to route to.
+    A slot without a ready worker is covered by the ready slot sharing the
+    most low bits with it (so while the worker count doubles, clients stay on
+    the worker they had with the smaller mask), ties going to the lowest slot.
+    Returns {} when no worker at all is ready: then there is nothing to route to.
     """
     mask(slots)
     if not ready:
         return {}
-    table = {}
-    for slot in range(slots):
-        for step in range(slots):
-            candidate = (slot + step) % slots
-            if candidate in ready:
-                table[slot] = ready[candidate]
-                break
-    return table
+    return {slot: ready[max(sorted(ready), key=lambda r: shared_low_bits(slot, r))]
+            for slot in range(slots)}

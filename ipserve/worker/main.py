@@ -27,6 +27,9 @@ from ipserve.worker.lag import HubLagMeter  # noqa: E402
 from ipserve.worker.server import Server  # noqa: E402
 
 
+RETIRE_ACCEPT_GRACE = 1.0
+
+
 def check_app(spec: str, chdir: str | None) -> int:
     try:
         app_loader.load(spec, chdir)
@@ -178,10 +181,53 @@ class Worker:
             gevent.spawn(self.stop, float(message.get("timeout", self.spec["graceful_timeout"])))
         elif kind == "quit":
             self.quit()
+        elif kind == "retire":
+            self.retire()
+        elif kind == "close":
+            gevent.spawn(self.close_all)
+        elif kind == "reopen":
+            self.log = logs.setup_error_log(self.spec["error_log"], self.spec["log_level"])
+            self.access_log = logs.setup_access_log(self.spec["access_log"])
         else:
             self.log.warning("unknown command from master: %r", message)
 
     # -------------------------------------------------------------- ending
+    def retire(self) -> None:
+        """New connections of our slot now go to a newer worker: stop accepting
+        once the few already on their way have landed, serve what we hold,
+        exit when the last connection closes."""
+        if self.state != "active":
+            return
+        self.state = "retiring"
+        for server in self.servers:
+            server.retiring = True
+        self.log.info("retiring: holding %d connection(s)", self.connections())
+        gevent.spawn(self._drain)
+
+    def _drain(self) -> None:
+        # Connections the kernel routed to us just before the switch may still
+        # sit in the accept queue; take them before closing the listener.
+        gevent.sleep(RETIRE_ACCEPT_GRACE)
+        for server in self.servers:
+            server.close()
+        while self.connections():
+            gevent.sleep(0.5)
+        self.log.info("retired: last connection closed after %d request(s)", self.requests())
+        self.quit()
+
+    def close_all(self) -> None:
+        """End every connection now (kill-retired, retired_timeout)."""
+        self.log.info("closing %d connection(s) (%d WebSocket(s), code 1001)",
+                      self.connections(), sum(len(s.websockets) for s in self.servers))
+        for server in self.servers:
+            for ws in list(server.websockets):
+                try:
+                    ws.close(1001, b"server going away")
+                except Exception:  # the peer may be gone already
+                    pass
+        gevent.sleep(0.2)  # let the close frames go out
+        self.quit()
+
     def stop(self, timeout: float) -> None:
         """Stop accepting, let held connections finish for up to `timeout`, exit."""
         if self.state == "stopping":
@@ -196,7 +242,19 @@ class Worker:
         self.quit()
 
     def quit(self) -> None:
+        for handler in self.log.handlers:
+            handler.flush()
         os._exit(0)
+
+    def report_boot_failure(self, error: str) -> None:
+        """Tell the master why we never became ready (it shows it in status)."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(2.0)
+                sock.connect(self.spec["control"])
+                sock.sendall(encode({"type": "boot-failed", "pid": os.getpid(), "error": error}))
+        except OSError:
+            pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,5 +266,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         worker.run()
     except app_loader.AppError as exc:
-        worker.log.error("%s", exc)
+        worker.log.error("slot %d gen %d cannot start: %s\n%s", worker.slot, worker.generation,
+                         exc, exc.detail.rstrip())
+        worker.report_boot_failure(str(exc))
+        sys.exit(3)
+    except Exception as exc:
+        worker.log.exception("slot %d gen %d cannot start", worker.slot, worker.generation)
+        worker.report_boot_failure(f"{type(exc).__name__}: {exc}")
         sys.exit(3)

@@ -9,11 +9,26 @@ from geventwebsocket.handler import WebSocketHandler
 
 
 class Handler(WebSocketHandler):
-    """gevent-websocket's handler, counting requests for the heartbeat."""
+    """gevent-websocket's handler, counting requests and open WebSockets."""
 
     def run_application(self):
         self.server.requests += 1
         return super().run_application()
+
+    def run_websocket(self):
+        self.server.websockets.add(self.websocket)
+        try:
+            return super().run_websocket()
+        finally:
+            self.server.websockets.discard(self.websocket)
+
+    def start_response(self, status, headers, exc_info=None):
+        # A retiring worker sends keep-alive clients elsewhere: after this
+        # response they reconnect, and the kernel routes them to the new worker.
+        if self.server.retiring and self.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+            headers = [(k, v) for k, v in headers if k.lower() != "connection"]
+            headers.append(("Connection", "close"))
+        return super().start_response(status, headers, exc_info)
 
 
 class Server(pywsgi.WSGIServer):
@@ -25,6 +40,8 @@ class Server(pywsgi.WSGIServer):
         super().__init__(*args, **kwargs)
         self.connections = 0
         self.requests = 0
+        self.retiring = False
+        self.websockets = set()
 
     def handle(self, sock, address):
         # Without TCP_NODELAY a keep-alive client waits on Nagle x delayed ACK
