@@ -26,8 +26,10 @@ def prepare_runtime_dir(path: str) -> None:
 
 
 def serve(cfg: Config) -> int:
+    socket_path = control.socket_path(cfg.runtime_dir, cfg.name)
     try:
-        router, why = routing.choose(cfg.router, cfg.name, cfg.bind)
+        router, why = routing.choose(cfg.router, cfg.name, cfg.bind, slots=cfg.workers,
+                                     adopting=os.path.exists(socket_path))
     except routing.RouterUnavailable as exc:
         cli.fail(str(exc))
     prepare_runtime_dir(cfg.runtime_dir)
@@ -41,7 +43,12 @@ def serve(cfg: Config) -> int:
     # A master of this name that runs, hangs or died leaves workers that may
     # still serve: the old rules stay until the first write replaces them, and
     # the workers reconnect to us to be adopted.
-    previous = take_over(control.socket_path(cfg.runtime_dir, cfg.name), cfg.pid, cfg.name, log)
+    previous = take_over(socket_path, cfg.pid, cfg.name, log)
+    if previous is None or not router.needs_handover:
+        try:
+            router.prepare(cfg.workers, cfg.backlog)
+        except routing.RouterUnavailable as exc:
+            cli.fail(str(exc))
     with open(cfg.pid, "w") as fh:
         fh.write(f"{os.getpid()}\n")
     master = Master(cfg, router, log)

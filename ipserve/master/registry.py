@@ -23,6 +23,7 @@ class WorkerRecord:
     retired_at: float | None = None
     adopted: bool = False
     boot_error: str | None = None     # why it never became ready, if it said
+    handed_fds: list = dataclasses.field(default_factory=list)  # reuseport sockets handed back
     last_seen: float = dataclasses.field(default_factory=time.monotonic)
     conn: object = None               # the worker's control connection, if any
     popen: object = None              # set when this master spawned it (to reap it)

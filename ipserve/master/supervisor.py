@@ -22,7 +22,7 @@ from ipserve import config, control, logs
 from ipserve.config import Config, ConfigError
 from ipserve.master import policy
 from ipserve.master.registry import WorkerRecord
-from ipserve.routing import RouteError, Router
+from ipserve.routing import RouteError, Router, RouterUnavailable
 
 TICK = 0.25
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
@@ -39,6 +39,7 @@ class Connection:
         self.sock = sock
         self.reader = control.LineReader()
         self.worker: WorkerRecord | None = None
+        self.fds: list[int] = []   # descriptors received and not yet claimed
 
     def send(self, message: dict) -> bool:
         try:
@@ -200,10 +201,12 @@ class Master:
                            "started": time.time(), "finished": time.time()}
             return
         self.cfg = cfg
-        if slots is not None:
-            self.slots = slots
-        elif cfg.workers != self.slots:
-            self.slots = cfg.workers
+        wanted = cfg.workers if slots is None else slots
+        if wanted != self.slots and not self.router.resizable:
+            self.log.warning("reload: router %s cannot change the worker count while running "
+                             "(restart to apply); keeping %d", self.router.name, self.slots)
+        elif wanted != self.slots:
+            self.slots = wanted
         self.generation = policy.next_generation(self.generation, self.workers.values())
         self.spawn_queue = list(range(self.slots))
         self.next_spawn = 0.0
@@ -288,8 +291,38 @@ class Master:
     def end_adoption(self) -> None:
         adopted = [w for w in self.workers.values() if w.adopted]
         self.log.info("adopted %d worker(s) of the previous master", len(adopted))
+        if self.router.needs_handover and not self.take_back_sockets(adopted):
+            return
         if adopted:
             self.begin_reload()  # a fresh generation replaces them, as on HUP
+
+    def take_back_sockets(self, adopted: list[WorkerRecord]) -> bool:
+        """reuseport: the group's sockets live on in the adopted workers; get
+        one copy of each slot's back, or open a new group if none survived."""
+        by_slot: dict[int, list[int]] = {}
+        for record in adopted:
+            if record.handed_fds and record.slot not in by_slot:
+                by_slot[record.slot] = record.handed_fds
+        try:
+            if not adopted:
+                self.router.prepare(self.slots, self.cfg.backlog)
+            elif sorted(by_slot) == list(range(len(by_slot))) and by_slot:
+                self.router.adopt([by_slot[slot] for slot in range(len(by_slot))])
+                self.slots = len(by_slot)
+            else:
+                raise RouterUnavailable(f"adopted workers handed back the sockets of slots "
+                                        f"{sorted(by_slot)} only; every slot's is needed")
+        except RouterUnavailable as exc:
+            self.log.error("cannot take over the reuseport group: %s; the adopted workers keep "
+                           "serving, no new generation is started (restart them all to recover)", exc)
+            return False
+        finally:
+            for record in adopted:
+                for fd in record.handed_fds:
+                    if not self.router.owns_fd(fd):
+                        os.close(fd)
+                record.handed_fds = []
+        return True
 
     # ================================================================ workers
     def spawn(self, slot: int) -> WorkerRecord:
@@ -301,11 +334,9 @@ class Master:
             "access_log": self.cfg.access_log, "error_log": self.cfg.error_log,
             "log_level": self.cfg.log_level,
         }
-        listen_fd = self.router.listener_fd(slot)
-        pass_fds = ()
-        if listen_fd is not None:
-            spec["listen_fds"] = [listen_fd]
-            pass_fds = (listen_fd,)
+        pass_fds = self.router.listener_fds(slot)
+        if pass_fds:
+            spec["listen_fds"] = pass_fds
         popen = subprocess.Popen([sys.executable, "-m", "ipserve.worker", json.dumps(spec)],
                                  stdin=subprocess.DEVNULL, start_new_session=True,
                                  pass_fds=pass_fds)
@@ -415,16 +446,23 @@ class Master:
         except (KeyError, ValueError):
             pass
         conn.sock.close()
+        for fd in conn.fds:
+            os.close(fd)
+        conn.fds = []
         if conn.worker is not None and conn.worker.conn is conn:
             conn.worker.conn = None
 
     def read(self, conn: Connection) -> None:
         try:
-            data = conn.sock.recv(65536)
+            # A worker of a previous master hands its reuseport sockets back
+            # with its ready message (SCM_RIGHTS).
+            data, fds, _, _ = socket.recv_fds(conn.sock, 65536, 16)
         except BlockingIOError:
             return
         except OSError:
-            data = b""
+            data, fds = b"", []
+        if fds:
+            conn.fds.extend(fds)
         if not data:
             self.drop(conn)
             return
@@ -476,6 +514,13 @@ class Master:
                 return
         conn.worker = record
         record.conn = conn
+        if conn.fds:
+            if record.adopted and self.adopting_until:
+                record.handed_fds, conn.fds = conn.fds, []
+            else:
+                for fd in conn.fds:
+                    os.close(fd)
+                conn.fds = []
         record.port = int(message["port"])
         record.last_seen = time.monotonic()
         if record.state == "booting":
@@ -484,6 +529,8 @@ class Master:
             self.log.info("worker pid %d ready: slot %d on port %d", pid, record.slot, record.port)
         if record.state == "retiring":
             conn.send({"type": "retire"})  # a reconnecting worker learns it again
+        if self.adopting_until:
+            return  # routes and retirements wait until every orphan had its chance
         if self.update_routes():
             self.retire_superseded()
 
@@ -586,6 +633,7 @@ class Master:
         self.listener.close()
         if self.handed_over:
             return  # the socket path now belongs to the new master
+        self.router.close()
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:

@@ -37,26 +37,28 @@ def backend_class(kind: str) -> type[Router]:
     raise ValueError(f"unknown router {kind!r}")
 
 
-def make(kind: str, instance: str, binds: Sequence[Bind], slots: int | None = None) -> Router:
-    """An unchecked backend; reuseport is told the slot count when it is known."""
+def make(kind: str, instance: str, binds: Sequence[Bind], slots: int | None = None,
+         adopting: bool = False) -> Router:
+    """An unchecked backend; reuseport is told the slot count when it is known,
+    and whether a previous master's workers still hold its sockets."""
     cls = backend_class(kind)
     if kind == "reuseport":
-        return cls(instance, binds, slots=slots)
+        return cls(instance, binds, slots=slots, adopting=adopting)
     return cls(instance, binds)
 
 
 def choose(kind: str, instance: str, binds: Sequence[Bind],
-           slots: int | None = None) -> tuple[Router, str]:
+           slots: int | None = None, adopting: bool = False) -> tuple[Router, str]:
     """The checked backend and a sentence saying why it was chosen.
 
     Raises RouterUnavailable with the reasons if none can be used.
     """
     if kind != "auto":
-        router = make(kind, instance, binds, slots)
+        router = make(kind, instance, binds, slots, adopting)
         router.check()
         return router, f"router {kind} (chosen by the router setting)"
     if not base.has_net_admin():
-        router = make(AUTO_FALLBACK, instance, binds, slots)
+        router = make(AUTO_FALLBACK, instance, binds, slots, adopting)
         try:
             router.check()
         except RouterUnavailable as exc:
@@ -67,7 +69,7 @@ def choose(kind: str, instance: str, binds: Sequence[Bind],
                         f"can run; {AUTO_FALLBACK} needs no privilege)")
     reasons = []
     for candidate in (*AUTO_ORDER, AUTO_FALLBACK):
-        router = make(candidate, instance, binds, slots)
+        router = make(candidate, instance, binds, slots, adopting)
         try:
             router.check()
         except RouterUnavailable as exc:

@@ -233,10 +233,13 @@ class ReuseportRouter(Router):
     """
 
     name = "reuseport"
+    resizable = False       # removing a socket from the group reshuffles it
+    needs_handover = True
 
     def __init__(self, instance: str, binds: Sequence[Bind], runner: Runner = run_command, *,
-                 slots: int | None = None, backlog: int = DEFAULT_BACKLOG):
+                 slots: int | None = None, backlog: int = DEFAULT_BACKLOG, adopting: bool = False):
         super().__init__(instance, binds, runner)
+        self.adopting = adopting   # a previous master's workers hold the group
         self.slots = slots
         self.backlog = backlog
         self.port: int | None = None
@@ -253,8 +256,8 @@ class ReuseportRouter(Router):
             raise RouterUnavailable("reuseport needs at least one bind address")
         if self.slots is not None:
             check_slot_count(self.slots, len(self.binds))
-        if self.prepared:
-            return   # our own group holds the port now; the probe would fail
+        if self.prepared or self.adopting:
+            return   # our own (or the adopted) group holds the port; the probe would fail
         for bind in self.binds:
             try:
                 probe(bind, bind.port)
@@ -347,8 +350,8 @@ class ReuseportRouter(Router):
             raise IndexError(f"slot {slot} out of range 0..{len(self.groups[0]) - 1}")
         return [group[slot].fileno() for group in self.groups]
 
-    def listener_fd(self, slot: int) -> int | None:
-        return self.listener_fds(slot)[0]
+    def owns_fd(self, fd: int) -> bool:
+        return any(sock.fileno() == fd for group in self.groups for sock in group)
 
     def apply(self, table: dict[int, int]) -> None:
         # A slot's connections go to whoever accepts on its socket, and wait

@@ -109,6 +109,13 @@ class Worker:
         except ImportError:
             pass
 
+    def handback_fds(self) -> list[int]:
+        """reuseport: the slot's sockets, which a new master needs back to
+        take over the group (sent with every hello; only adopters keep them)."""
+        if not self.spec.get("listen_fds") or self.state != "active":
+            return []
+        return [server.socket.fileno() for server in self.servers]
+
     # -------------------------------------------------------------- stats
     def connections(self) -> int:
         return sum(s.connections for s in self.servers)
@@ -139,7 +146,10 @@ class Worker:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.connect(path)
-                sock.sendall(encode(self.hello()))
+                if self.handback_fds():
+                    socket.send_fds(sock, [encode(self.hello())], self.handback_fds())
+                else:
+                    sock.sendall(encode(self.hello()))
             except OSError:
                 sock.close()
                 gevent.sleep(0.5)

@@ -169,7 +169,7 @@ def test_v4_and_v6_wildcard_binds_make_two_groups(ns, routers):
         router.check()
         router.prepare(4)
         fds = router.listener_fds(2)
-        assert len(fds) == 2 and router.listener_fd(2) == fds[0]
+        assert len(fds) == 2 and router.listener_fds(2)[0] == fds[0]
         assert landed(router, 4, "127.0.0.1", V4_SOURCES, 0) == expected(V4_SOURCES, 4)
         assert landed(router, 4, V6_SERVER, V6_SOURCES, 1) == expected(V6_SOURCES, 4)
         router.apply({0: port, 1: port, 2: port, 3: port})
@@ -198,7 +198,7 @@ def test_handoff_is_who_accepts(ns, routers):
             waiting.append(client)
         others = [s for s in V4_SOURCES if slot_of(s, 4) != 1]
         assert landed(router, 4, "127.0.0.1", others, accept_on=[0, 2, 3]) == expected(others, 4)
-        replacement = socket.socket(fileno=os.dup(router.listener_fd(1)))
+        replacement = socket.socket(fileno=os.dup(router.listener_fds(1)[0]))
         replacement.settimeout(5)
         peers = sorted(replacement.accept()[1][0] for _ in waiting)
         assert peers == ["127.0.0.17", "127.0.0.21"]
@@ -217,7 +217,7 @@ def test_shutdown_by_a_worker_reshuffles_the_group(ns, routers):
         router = ReuseportRouter("t", [parse_bind(f"127.0.0.1:{free_port()}")])
         routers.append(router)
         router.prepare(4)
-        with socket.socket(fileno=os.dup(router.listener_fd(1))) as worker_copy:
+        with socket.socket(fileno=os.dup(router.listener_fds(1)[0])) as worker_copy:
             worker_copy.shutdown(socket.SHUT_RDWR)
         got = landed(router, 4, "127.0.0.1", ["127.0.0.16", "127.0.0.17", "127.0.0.18"],
                      accept_on=[0, 2, 3])
@@ -228,7 +228,7 @@ def test_a_new_router_can_adopt_the_group(ns, routers):
     with in_netns(ns):
         first = ReuseportRouter("t", [parse_bind(f"127.0.0.1:{free_port()}")])
         first.prepare(4)
-        copies = [[os.dup(first.listener_fd(slot))] for slot in range(4)]
+        copies = [[os.dup(first.listener_fds(slot)[0])] for slot in range(4)]
         second = ReuseportRouter("t", [parse_bind(f"127.0.0.1:{first.port}")])
         routers.append(second)
         second.adopt(copies)
@@ -321,7 +321,7 @@ UNPRIVILEGED = textwrap.dedent("""
     r = ReuseportRouter("t", [parse_bind(f"127.0.0.1:{port}")], slots=4)
     r.check()
     r.prepare()
-    socks = [socket.socket(fileno=r.listener_fd(s)) for s in range(4)]
+    socks = [socket.socket(fileno=r.listener_fds(s)[0]) for s in range(4)]
     landed = {}
     for i in range(16, 32):
         c = socket.socket()

@@ -161,7 +161,7 @@ def test_slot_count_limits(monkeypatch):
 def test_before_prepare():
     router = ReuseportRouter("t", [V4], slots=4)
     with pytest.raises(RuntimeError, match="prepare"):
-        router.listener_fd(0)
+        router.listener_fds(0)[0]
     with pytest.raises(routing.RouteError):
         router.apply({0: 8000})
     router.remove()   # idempotent, closes nothing
