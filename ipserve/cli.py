@@ -10,14 +10,15 @@ import argparse
 import os
 import subprocess
 import sys
+from typing import NoReturn
 
 import ipserve
-from ipserve import config
+from ipserve import config, users
 
 USAGE_ERROR = 2
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821
+def fail(message: str) -> NoReturn:
     print(f"ipserve: error: {message}", file=sys.stderr)
     sys.exit(USAGE_ERROR)
 
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg, check_only = parse(sys.argv[1:] if argv is None else argv)
     if cfg.chdir and not os.path.isdir(cfg.chdir):
         fail(f"chdir = {cfg.chdir!r} ({cfg.sources['chdir']}): no such directory")
+    try:
+        users.check(cfg.user, cfg.group)
+    except users.UserError as exc:
+        fail(str(exc))
     if cfg.app != "-":
         check_app(cfg)
     if check_only:

@@ -177,6 +177,18 @@ def parse_optional_duration(value: Any) -> float | None:
     return parse_duration(value)
 
 
+def parse_optional_size(value: Any) -> int | None:
+    if value is None or value in ("", "none", "0", 0):
+        return None
+    return parse_size(value)
+
+
+def parse_optional_str(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return parse_str(value)
+
+
 def parse_optional_path(value: Any) -> str | None:
     if value is None or value == "":
         return None
@@ -260,6 +272,56 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spawn_interval", parse_duration, 0.1,
             "Pause between starting two workers of a new generation, so a reload "
             "is not a boot storm.", metavar="DURATION"),
+    # -- limits and health
+    Setting("worker_memory", parse_optional_size, None,
+            "RSS above which a worker is replaced (a fresh worker takes its slot, it "
+            "drains). Measured by the master. Default: no limit.", metavar="SIZE"),
+    Setting("cluster_memory", parse_optional_size, None,
+            "RSS of all workers together. Above 80% retiring workers are asked to exit "
+            "(fewest connections, then largest, then oldest first), above 95% they are "
+            "killed; with none left the largest active worker is replaced. Default: no limit.",
+            metavar="SIZE"),
+    Setting("health_retire_interval", parse_duration, 10.0,
+            "At most one retirement for memory or load per this interval, so a leak "
+            "cannot start a spawn storm. Reloads are not limited.", metavar="DURATION"),
+    Setting("max_requests", parse_int, 0,
+            "Replace a worker after this many requests (a WebSocket counts as one). 0: never.",
+            metavar="N"),
+    Setting("max_requests_jitter", parse_int, 0,
+            "Add up to this many requests, at random per worker, to max_requests.", metavar="N"),
+    Setting("busy_lag", parse_duration, 0.15,
+            "Hub lag (smoothed) above which a worker is too busy: ipserve.too_busy() and "
+            'environ["ipserve.too_busy"] say so.', metavar="DURATION"),
+    Setting("shed_load", parse_bool, False,
+            "Answer new plain HTTP requests with 503 and Retry-After while the worker is too "
+            "busy, with probability (lag - busy_lag) / busy_lag. Open WebSockets are kept."),
+    Setting("busy_retire_after", parse_duration, 45.0,
+            "Replace a worker that stays too busy this long.", metavar="DURATION"),
+    Setting("block_report", parse_duration, 1.0,
+            "Log the stack of code that blocks the hub longer than this.", metavar="DURATION"),
+    Setting("timeout", parse_duration, 30.0,
+            "A worker silent this long (no heartbeat) gets SIGABRT (it dumps its stacks), "
+            "then SIGKILL, and is replaced.", metavar="DURATION"),
+    Setting("limit_request_line", parse_int, 4094,
+            "Longest request line accepted (longer: 414, connection closed).", metavar="BYTES"),
+    Setting("limit_request_fields", parse_int, 100,
+            "Most header fields in a request (more: 431, connection closed).", metavar="N"),
+    Setting("limit_request_field_size", parse_int, 8190,
+            "Longest header line (longer: 431, connection closed).", metavar="BYTES"),
+    Setting("header_timeout", parse_duration, 10.0,
+            "Time a client has to send a request's line and headers (slowloris guard; "
+            "408 and close).", metavar="DURATION"),
+    Setting("keepalive", parse_duration, 5.0,
+            "How long an idle keep-alive connection waits for its next request.",
+            metavar="DURATION"),
+    Setting("ws_send_timeout", parse_duration, 30.0,
+            "A WebSocket whose peer reads nothing for this long while we send is closed, so "
+            "a stalled peer cannot pin a greenlet and its buffers.", metavar="DURATION"),
+    Setting("user", parse_optional_str, None,
+            "When started as root, run workers as this user (name or uid). The master stays "
+            "root: it writes the routing rules and never runs application code.", metavar="USER"),
+    Setting("group", parse_optional_str, None,
+            "Group for the workers (default: the user's primary group).", metavar="GROUP"),
     Setting("backlog", parse_int, 2048,
             "Listen backlog of each worker's socket.", metavar="N"),
     Setting("log_level", choice(*LOG_LEVELS), "info",

@@ -14,7 +14,7 @@ def routable_ports(workers: Iterable, slots: int) -> dict[int, int]:
     for w in workers:
         if w.state != "active" or w.port is None or w.slot >= slots:
             continue
-        if w.slot not in best or w.generation > best[w.slot].generation:
+        if w.slot not in best or newest_key(w) > newest_key(best[w.slot]):
             best[w.slot] = w
     return {slot: w.port for slot, w in best.items()}
 
@@ -40,12 +40,12 @@ def superseded(workers: Iterable, slots: int) -> list:
     """Active workers that no longer receive new connections: a newer active
     worker holds their slot, or their slot is beyond the current slot count."""
     workers = list(workers)
-    newest: dict[int, int] = {}
+    newest: dict[int, tuple] = {}
     for w in workers:
         if w.state == "active":
-            newest[w.slot] = max(newest.get(w.slot, -1), w.generation)
+            newest[w.slot] = max(newest.get(w.slot, (-1,)), newest_key(w))
     return [w for w in workers if w.state == "active"
-            and (w.slot >= slots or w.generation < newest[w.slot])]
+            and (w.slot >= slots or newest_key(w) < newest[w.slot])]
 
 
 def overdue_retirees(workers: Iterable, now: float, retired_timeout: float | None) -> list:
@@ -59,3 +59,61 @@ def overdue_retirees(workers: Iterable, now: float, retired_timeout: float | Non
 def next_generation(current: int, workers: Iterable) -> int:
     """A generation number above every worker's, adopted ones included."""
     return max([current] + [w.generation for w in workers]) + 1
+
+
+# ---------------------------------------------------------------- health
+
+def newest_key(w) -> tuple:
+    """Order of succession within a slot: generation, then spawn order."""
+    return (w.generation, getattr(w, "serial", 0))
+
+
+def health_replacements(workers: Iterable, now: float, *, worker_memory: int | None,
+                        max_requests: bool, busy_retire_after: float) -> list[tuple]:
+    """(worker, reason, rate_limited) for active workers that should be replaced.
+
+    Memory and load replacements are rate-limited by the caller; max_requests
+    ones are not (their jitter already spreads them out)."""
+    out = []
+    for w in workers:
+        if w.state != "active" or w.replacing:
+            continue
+        if worker_memory and w.rss > worker_memory:
+            out.append((w, f"RSS {w.rss >> 20} MiB above worker_memory {worker_memory >> 20} MiB", True))
+        elif max_requests and w.max_requests and w.requests >= w.max_requests:
+            out.append((w, f"served {w.requests} requests (max_requests)", False))
+        elif w.busy_since is not None and now - w.busy_since >= busy_retire_after:
+            out.append((w, f"too busy for {now - w.busy_since:.0f}s", True))
+    return out
+
+
+def cluster_memory_actions(workers: Iterable, limit: int | None) -> list[tuple[str, object]]:
+    """What to do when all workers together use too much memory.
+
+    Above 80% of `limit`, retiring workers are asked to exit ("close"), above
+    95% they are killed ("kill"): fewest connections first, then largest RSS,
+    then oldest, until the rest fits under 80%. Over the limit with no retiring
+    worker, the largest active worker is replaced ("replace")."""
+    workers = list(workers)
+    total = sum(w.rss for w in workers)
+    if not limit or total <= 0.8 * limit:
+        return []
+    retiring = sorted((w for w in workers if w.state == "retiring"),
+                      key=lambda w: (w.connections, -w.rss, w.spawned_at))
+    action = "kill" if total > 0.95 * limit else "close"
+    out: list[tuple[str, object]] = []
+    projected = total
+    for w in retiring:
+        if projected <= 0.8 * limit:
+            break
+        out.append((action, w))
+        projected -= w.rss
+    active = [w for w in workers if w.state == "active" and not w.replacing]
+    if not retiring and total > limit and active:
+        out.append(("replace", max(active, key=lambda w: w.rss)))
+    return out
+
+
+def hung(workers: Iterable, now: float, timeout: float) -> list:
+    """Connected workers whose last heartbeat is older than `timeout`."""
+    return [w for w in workers if w.state in ("active", "retiring") and now - w.last_seen > timeout]

@@ -11,6 +11,7 @@ import collections
 import json
 import logging
 import os
+import random
 import selectors
 import signal
 import socket
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from ipserve import config, control, logs
+from ipserve import config, control, logs, users
 from ipserve.config import Config, ConfigError
 from ipserve.master import policy
 from ipserve.master.registry import WorkerRecord
@@ -28,6 +29,7 @@ TICK = 0.25
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 DIED_YOUNG = 5.0
+HUNG_KILL_DELAY = 2.0  # time a hung worker gets to dump its stacks after SIGABRT
 # Settings a running master cannot change: they name its socket, rules and port.
 FIXED_ON_RELOAD = ("bind", "name", "runtime_dir", "router", "pid")  # a worker that dies sooner than this after spawning backs its slot off
 
@@ -72,6 +74,8 @@ class Master:
         self.adopting_until = 0.0                 # after a takeover: wait for workers to reconnect
         self.handed_over = False
         self.last_measure = 0.0
+        self.last_health_retire = -1e9
+        self.spawn_serial = 0
         self.started = time.time()
         self.socket_path = control.socket_path(cfg.runtime_dir, cfg.name)
 
@@ -85,6 +89,10 @@ class Master:
             os.umask(old_umask)
         sock.listen(256)
         sock.setblocking(False)
+        if self.cfg.user is not None:
+            # Workers run as `user` and must reach the (0600) control socket.
+            uid, gid = users.ids(self.cfg.user, self.cfg.group)
+            os.chown(self.socket_path, uid, gid)
         self.listener = sock
         self.selector.register(sock, selectors.EVENT_READ, ("accept", None))
 
@@ -139,6 +147,7 @@ class Master:
             self.retire_superseded()
         self.close_overdue(now)
         self.check_reload()
+        self.check_health(now)
 
     # ================================================================ signals
     def drain_wakeups(self) -> None:
@@ -326,25 +335,29 @@ class Master:
 
     # ================================================================ workers
     def spawn(self, slot: int) -> WorkerRecord:
-        spec = {
-            "name": self.cfg.name, "slot": slot, "generation": self.generation,
-            "app": self.cfg.app, "chdir": self.cfg.chdir, "control": self.socket_path,
-            "families": sorted({b.family for b in self.cfg.bind}),
-            "backlog": self.cfg.backlog, "graceful_timeout": self.cfg.graceful_timeout,
-            "access_log": self.cfg.access_log, "error_log": self.cfg.error_log,
-            "log_level": self.cfg.log_level,
-        }
+        spec = dict(self.cfg.to_json(), slot=slot, generation=self.generation,
+                    control=self.socket_path, families=sorted({b.family for b in self.cfg.bind}))
         pass_fds = self.router.listener_fds(slot)
         if pass_fds:
             spec["listen_fds"] = pass_fds
         popen = subprocess.Popen([sys.executable, "-m", "ipserve.worker", json.dumps(spec)],
                                  stdin=subprocess.DEVNULL, start_new_session=True,
-                                 pass_fds=pass_fds)
+                                 pass_fds=pass_fds, **self.worker_identity())
+        self.spawn_serial += 1
         record = WorkerRecord(pid=popen.pid, slot=slot, generation=self.generation,
-                              pidfd=os.pidfd_open(popen.pid), popen=popen)
+                              pidfd=os.pidfd_open(popen.pid), popen=popen, serial=self.spawn_serial)
+        if self.cfg.max_requests:
+            record.max_requests = self.cfg.max_requests + random.randint(0, self.cfg.max_requests_jitter)
         self.track(record)
         self.log.info("spawned worker pid %d for slot %d (generation %d)", record.pid, slot, record.generation)
         return record
+
+    def worker_identity(self) -> dict:
+        """Popen arguments that drop a worker to `user`/`group` (as root)."""
+        if self.cfg.user is None:
+            return {}
+        return {"user": self.cfg.user, "group": self.cfg.group or users.primary_group(self.cfg.user),
+                "extra_groups": []}
 
     def track(self, record: WorkerRecord) -> None:
         self.workers[record.pid] = record
@@ -361,6 +374,11 @@ class Master:
         lived = time.monotonic() - record.spawned_at
         self.log_exit(record, code, lived)
         if self.stopping or record.state == "retiring":
+            return
+        if record.replaces is not None and record.ready_at is None:
+            predecessor = self.workers.get(record.replaces)
+            if predecessor is not None:
+                predecessor.replacing = None   # try again later
             return
         r = self.reload
         if (r is not None and r["state"] == "in progress" and record.generation == r["generation"]
@@ -406,6 +424,45 @@ class Master:
         self.last_measure = now
         for record in self.workers.values():
             record.measure()
+
+    # ================================================================ health
+    def check_health(self, now: float) -> None:
+        for record in policy.hung(self.workers.values(), now, self.cfg.timeout):
+            self.log.error("worker pid %d (slot %d) sent no heartbeat for %.0fs: SIGABRT (stacks "
+                           "follow in its log), then SIGKILL", record.pid, record.slot, now - record.last_seen)
+            record.signal(signal.SIGABRT)
+            record.state = "hung"      # no longer routed; its slot is covered and respawned
+            record.hung_at = now
+        for record in self.workers.values():
+            if record.state == "hung" and now - record.hung_at > HUNG_KILL_DELAY:
+                record.signal(signal.SIGKILL)
+                record.hung_at = now
+        for record, reason, limited in policy.health_replacements(
+                self.workers.values(), now, worker_memory=self.cfg.worker_memory,
+                max_requests=bool(self.cfg.max_requests), busy_retire_after=self.cfg.busy_retire_after):
+            self.replace(record, reason, limited, now)
+        for action, record in policy.cluster_memory_actions(self.workers.values(), self.cfg.cluster_memory):
+            if action == "replace":
+                self.replace(record, "largest worker while cluster_memory is exceeded", True, now)
+            elif action == "kill":
+                self.log.warning("cluster_memory above 95%%: killing retiring worker pid %d", record.pid)
+                record.signal(signal.SIGKILL)
+                record.state = "killed"
+            elif not record.asked_to_exit:
+                self.log.warning("cluster_memory above 80%%: asking retiring worker pid %d to exit", record.pid)
+                record.asked_to_exit = True
+                if record.conn is None or not record.conn.send({"type": "close"}):
+                    record.signal(signal.SIGQUIT)
+
+    def replace(self, record: WorkerRecord, reason: str, rate_limited: bool, now: float) -> None:
+        """Start a fresh worker for the slot; the old one retires once it is ready."""
+        if rate_limited:
+            if now - self.last_health_retire < self.cfg.health_retire_interval:
+                return
+            self.last_health_retire = now
+        self.log.warning("replacing worker pid %d (slot %d): %s", record.pid, record.slot, reason)
+        record.replacing = reason
+        self.spawn(record.slot).replaces = record.pid
 
     # ================================================================ routes
     def update_routes(self) -> bool:
@@ -499,6 +556,11 @@ class Master:
             record.connections = int(message.get("connections", 0))
             record.requests = int(message.get("requests", 0))
             record.lag_ms = float(message.get("lag_ms", 0.0))
+            record.too_busy = bool(message.get("too_busy"))
+            if not record.too_busy:
+                record.busy_since = None
+            elif record.busy_since is None:
+                record.busy_since = record.last_seen
 
     def worker_ready(self, conn: Connection, message: dict) -> None:
         pid = control.peer_pid(conn.sock)

@@ -12,7 +12,6 @@ import os
 import select
 import signal
 import socket
-import time
 
 import psutil
 

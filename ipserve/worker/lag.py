@@ -12,7 +12,8 @@ import gevent
 
 
 class HubLagMeter:
-    def __init__(self, interval: float = 0.05, smoothing: float = 0.3):
+    def __init__(self, busy_lag_ms: float = 150.0, interval: float = 0.05, smoothing: float = 0.3):
+        self.busy_lag_ms = busy_lag_ms
         self.interval = interval
         self.smoothing = smoothing
         self.smoothed_ms = 0.0
@@ -33,6 +34,16 @@ class HubLagMeter:
             lag_ms = max(0.0, (time.perf_counter() - before - self.interval) * 1000.0)
             self.smoothed_ms += self.smoothing * (lag_ms - self.smoothed_ms)
             self.peak_ms = max(self.peak_ms, lag_ms)
+
+    def too_busy(self) -> bool:
+        return self.smoothed_ms > self.busy_lag_ms
+
+    def shed_probability(self) -> float:
+        """0 at busy_lag, 1 at twice busy_lag: shedding grows with the lag
+        instead of switching on and off at a threshold (which makes load oscillate)."""
+        if self.busy_lag_ms <= 0:
+            return 0.0
+        return min(1.0, max(0.0, (self.smoothed_ms - self.busy_lag_ms) / self.busy_lag_ms))
 
     def take_peak(self) -> float:
         """The worst lag since the previous call (what a heartbeat reports)."""

@@ -11,6 +11,8 @@ from gevent import monkey
 monkey.patch_all()
 
 import errno  # noqa: E402
+import faulthandler  # noqa: E402
+import resource  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -20,11 +22,13 @@ import time  # noqa: E402
 
 import gevent  # noqa: E402
 
+import ipserve  # noqa: E402
+
 from ipserve import app as app_loader  # noqa: E402
 from ipserve import logs  # noqa: E402
 from ipserve.control import LineReader, encode  # noqa: E402
 from ipserve.worker.lag import HubLagMeter  # noqa: E402
-from ipserve.worker.server import Server  # noqa: E402
+from ipserve.worker.server import Limits, Server  # noqa: E402
 
 
 RETIRE_ACCEPT_GRACE = 1.0
@@ -73,12 +77,29 @@ class Worker:
         self.servers: list[Server] = []
         self.port = 0
         self.state = "booting"
-        self.lag = HubLagMeter()
+        self.lag = HubLagMeter(busy_lag_ms=spec["busy_lag"] * 1000.0)
+        ipserve._lag_meter = self.lag
         self.link = None          # socket to the master, when connected
         self.started = time.time()
 
     # -------------------------------------------------------------- start-up
+    def diagnostics(self) -> None:
+        """Stacks on SIGABRT (the master sends it to a hung worker before
+        SIGKILL), and gevent's report of whatever blocks the hub longer than
+        block_report (its "Blocked Stack" names the code), both in the error log."""
+        stream = self.log.handlers[0].stream
+        faulthandler.enable(file=stream, all_threads=True)  # SIGABRT, SIGSEGV, ...: dump, then die
+        gevent.config.monitor_thread = True
+        gevent.config.max_blocking_time = self.spec["block_report"]
+        hub = gevent.get_hub()
+        hub.exception_stream = stream
+        hub.start_periodic_monitoring_thread()
+
     def run(self) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:  # one process holds thousands of long-lived connections
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        self.diagnostics()
         application = app_loader.load(self.spec["app"], self.spec.get("chdir"))
         if self.spec.get("listen_fds"):
             listeners = [socket.socket(fileno=fd) for fd in self.spec["listen_fds"]]
@@ -89,7 +110,8 @@ class Worker:
                        "name": self.name}
         for listener in listeners:
             server = Server(listener, application, log=self.access_log or None,
-                            error_log=self.log, environ={"ipserve.worker": worker_info})
+                            error_log=self.log, environ={"ipserve.worker": worker_info},
+                            limits=Limits(self.spec), lag=self.lag)
             server.start()
             self.servers.append(server)
         self._set_title()
@@ -132,6 +154,8 @@ class Worker:
     def heartbeat(self) -> dict:
         return {"type": "heartbeat", "connections": self.connections(),
                 "requests": self.requests(), "lag_ms": round(self.lag.take_peak(), 2),
+                "too_busy": self.lag.too_busy(), "shed": sum(s.shed for s in self.servers),
+                "websockets": sum(len(s.websockets) for s in self.servers),
                 "state": self.state}
 
     # -------------------------------------------------------------- master link
