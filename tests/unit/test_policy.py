@@ -59,3 +59,77 @@ def test_overdue_retirees():
     workers = [R(0, 1, "retiring", 10.0), R(1, 1, "retiring", 95.0), R(2, 2)]
     assert policy.overdue_retirees(workers, 100.0, None) == []
     assert policy.overdue_retirees(workers, 100.0, 60.0) == [workers[0]]
+
+
+@dataclass
+class H:
+    slot: int = 0
+    generation: int = 1
+    state: str = "active"
+    rss: int = 0
+    connections: int = 0
+    spawned_at: float = 0.0
+    requests: int = 0
+    max_requests: int = 0
+    busy_since: float | None = None
+    replacing: str | None = None
+    serial: int = 0
+    last_seen: float = 0.0
+
+
+MiB = 1 << 20
+
+
+def test_replacement_outranks_predecessor_within_a_generation():
+    old, new = H(serial=1), H(serial=2)
+    assert policy.superseded([old, new], 1) == [old]
+    old.port, new.port = 100, 200
+    assert policy.routable_ports([old, new], 1) == {0: 200}
+
+
+def test_health_replacements():
+    fat = H(rss=300 * MiB)
+    worn = H(slot=1, requests=50, max_requests=50)
+    busy = H(slot=2, busy_since=10.0)
+    calm = H(slot=3, rss=10 * MiB, requests=3, max_requests=50)
+    already = H(slot=4, rss=300 * MiB, replacing="memory")
+    out = policy.health_replacements([fat, worn, busy, calm, already], now=60.0,
+                                     worker_memory=200 * MiB, max_requests=True, busy_retire_after=45.0)
+    assert [(w, limited) for w, _, limited in out] == [(fat, True), (worn, False), (busy, True)]
+    assert "worker_memory" in out[0][1] and "max_requests" in out[1][1] and "busy" in out[2][1]
+
+
+def test_busy_not_long_enough_is_kept():
+    assert policy.health_replacements([H(busy_since=30.0)], now=60.0, worker_memory=None,
+                                      max_requests=False, busy_retire_after=45.0) == []
+
+
+def test_cluster_memory_under_80_percent_does_nothing():
+    assert policy.cluster_memory_actions([H(rss=70 * MiB)], 100 * MiB) == []
+    assert policy.cluster_memory_actions([H(rss=700 * MiB)], None) == []
+
+
+def test_cluster_memory_asks_retiring_in_order():
+    a = H(state="retiring", rss=20 * MiB, connections=5, spawned_at=1)
+    b = H(state="retiring", rss=10 * MiB, connections=0, spawned_at=2)   # fewest connections
+    c = H(state="retiring", rss=30 * MiB, connections=0, spawned_at=3)   # same, larger: first
+    active = H(rss=30 * MiB)
+    actions = policy.cluster_memory_actions([a, b, c, active], 100 * MiB)   # 90% of the limit
+    assert actions == [("close", c)]   # 90 - 30 = 60 MiB, under 80%: stop there
+
+
+def test_cluster_memory_above_95_percent_kills():
+    a = H(state="retiring", rss=40 * MiB, connections=1)
+    b = H(state="retiring", rss=40 * MiB, connections=2)
+    actions = policy.cluster_memory_actions([a, b, H(rss=20 * MiB)], 100 * MiB)
+    assert actions == [("kill", a)]   # 100 - 40 = 60 MiB fits under 80%
+
+
+def test_cluster_memory_exceeded_without_retiring_replaces_largest_active():
+    small, large = H(rss=40 * MiB), H(slot=1, rss=70 * MiB)
+    assert policy.cluster_memory_actions([small, large], 100 * MiB) == [("replace", large)]
+
+
+def test_hung_workers():
+    fresh, silent, booting = H(last_seen=95.0), H(last_seen=50.0), H(state="booting", last_seen=0.0)
+    assert policy.hung([fresh, silent, booting], now=100.0, timeout=30.0) == [silent]
