@@ -171,25 +171,100 @@ def parse_binds(value: Any) -> tuple[Bind, ...]:
     return binds
 
 
-def parse_optional_duration(value: Any) -> float | None:
+def optional(parse: Callable[[Any], Any], zero_is_none: bool = False) -> Callable[[Any], Any]:
+    """`parse`, but "", "none" (and 0 if `zero_is_none`: "no limit") give None."""
+    def parse_optional(value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        parsed = parse(value)
+        return None if zero_is_none and parsed == 0 else parsed
+    return parse_optional
+
+
+def choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError("expected one of " + ", ".join(allowed))
+        return value
+    parse.choices = allowed  # type: ignore[attr-defined]
+    return parse
+
+
+@dataclasses.dataclass(frozen=True)
+class Bind:
+    host: str   # as given, without brackets
+    port: int
+    family: int  # socket.AF_INET or socket.AF_INET6
+
+    @property
+    def wildcard(self) -> str:
+        return "::" if self.family == 10 else "0.0.0.0"
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.host in ("0.0.0.0", "::")
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.family == 10 else f"{self.host}:{self.port}"
+
+
+def parse_bind(text: str) -> Bind:
+    import ipaddress
+    import socket
+
+    if not isinstance(text, str):
+        raise ValueError("expected HOST:PORT")
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)|(\d+)", text.strip())
+    if not m:
+        raise ValueError("expected HOST:PORT, [IPv6]:PORT or PORT")
+    if m.group(1) is not None:
+        host, port = m.group(1), m.group(2)
+    elif m.group(3) is not None:
+        host, port = m.group(3) or "0.0.0.0", m.group(4)
+    else:
+        host, port = "0.0.0.0", m.group(5)
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    port_n = int(port)
+    if not 1 <= port_n <= 65535:
+        raise ValueError("port must be between 1 and 65535")
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    return Bind(str(addr), port_n, family)
+
+
+def parse_binds(value: Any) -> tuple[Bind, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError("expected HOST:PORT or a list of them")
+    binds = tuple(parse_bind(item) for item in items)
+    if len({b.port for b in binds}) > 1:
+        raise ValueError("every bind must use the same port")
+    return binds
+
+
+def optional(parse_duration, zero_is_none=True)(value: Any) -> float | None:
     if value is None or value in ("", "none", "0", 0):
         return None
     return parse_duration(value)
 
 
-def parse_optional_size(value: Any) -> int | None:
+def optional(parse_size, zero_is_none=True)(value: Any) -> int | None:
     if value is None or value in ("", "none", "0", 0):
         return None
     return parse_size(value)
 
 
-def parse_optional_str(value: Any) -> str | None:
+def optional(parse_str)(value: Any) -> str | None:
     if value is None or value == "":
         return None
     return parse_str(value)
 
 
-def parse_optional_path(value: Any) -> str | None:
+def optional(parse_str)(value: Any) -> str | None:
     if value is None or value == "":
         return None
     return parse_str(value)
@@ -249,12 +324,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("router", choice(*ROUTERS), "auto",
             "How clients are pinned to workers: nft, iptables (iptables-restore), "
             "iptc (python-iptables, legacy hosts) or auto."),
-    Setting("pid", parse_optional_path, None,
+    Setting("pid", optional(parse_str), None,
             "Pid file of the master. Default: <runtime_dir>/<name>.pid.", metavar="FILE"),
     Setting("runtime_dir", parse_str, None,
             "Directory of the control socket and pid file. Default: /run/ipserve as "
             "root, else $XDG_RUNTIME_DIR/ipserve or /tmp/ipserve-<uid>.", metavar="DIR"),
-    Setting("chdir", parse_optional_path, None,
+    Setting("chdir", optional(parse_str), None,
             "Directory to change to before loading the app; it goes on sys.path.",
             metavar="DIR"),
     Setting("graceful_timeout", parse_duration, 30.0,
@@ -266,17 +341,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retired_nice", parse_int, 10,
             "Nice value a retiring worker is given while it drains its connections.",
             metavar="N"),
-    Setting("retired_timeout", parse_optional_duration, None,
+    Setting("retired_timeout", optional(parse_duration, zero_is_none=True), None,
             "How long a retiring worker may keep its connections before they are "
             "closed (WebSockets with code 1001). Default: no limit.", metavar="DURATION"),
     Setting("spawn_interval", parse_duration, 0.1,
             "Pause between starting two workers of a new generation, so a reload "
             "is not a boot storm.", metavar="DURATION"),
     # -- limits and health
-    Setting("worker_memory", parse_optional_size, None,
+    Setting("worker_memory", optional(parse_size, zero_is_none=True), None,
             "RSS above which a worker is replaced (a fresh worker takes its slot, it "
             "drains). Measured by the master. Default: no limit.", metavar="SIZE"),
-    Setting("cluster_memory", parse_optional_size, None,
+    Setting("cluster_memory", optional(parse_size, zero_is_none=True), None,
             "RSS of all workers together. Above 80% retiring workers are asked to exit "
             "(fewest connections, then largest, then oldest first), above 95% they are "
             "killed; with none left the largest active worker is replaced. Default: no limit.",
@@ -317,16 +392,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ws_send_timeout", parse_duration, 30.0,
             "A WebSocket whose peer reads nothing for this long while we send is closed, so "
             "a stalled peer cannot pin a greenlet and its buffers.", metavar="DURATION"),
-    Setting("user", parse_optional_str, None,
+    Setting("user", optional(parse_str), None,
             "When started as root, run workers as this user (name or uid). The master stays "
             "root: it writes the routing rules and never runs application code.", metavar="USER"),
-    Setting("group", parse_optional_str, None,
+    Setting("group", optional(parse_str), None,
             "Group for the workers (default: the user's primary group).", metavar="GROUP"),
     Setting("backlog", parse_int, 2048,
             "Listen backlog of each worker's socket.", metavar="N"),
     Setting("log_level", choice(*LOG_LEVELS), "info",
             "Error log verbosity: " + ", ".join(LOG_LEVELS) + "."),
-    Setting("access_log", parse_optional_path, None,
+    Setting("access_log", optional(parse_str), None,
             "Access log file, or - for standard output. Default: none.", metavar="FILE"),
     Setting("error_log", parse_str, "-",
             "Error log file, or - for standard error.", metavar="FILE"),

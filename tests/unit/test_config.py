@@ -125,3 +125,10 @@ def test_shipped_conf_documents_every_setting():
 
     shipped = (Path(__file__).parents[2] / "conf" / "ipserve.toml").read_text()
     assert shipped.strip() == config.render_toml_docs().strip()
+
+
+def test_optional_limits_accept_none_and_zero(tmp_path):
+    path = write(tmp_path, 'worker_memory = "512MiB"\nretired_timeout = 0\naccess_log = ""\n')
+    cfg = resolve({"app": "a:b", "config": path}, environ={"IPSERVE_CLUSTER_MEMORY": "none"})
+    assert cfg.worker_memory == 512 * 1024**2
+    assert cfg.retired_timeout is None and cfg.access_log is None and cfg.cluster_memory is None
