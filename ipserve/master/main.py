@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from ipserve import cli, control, logs, routing
+from ipserve import cli, control, logs, routing, users
 from ipserve.config import Config
 from ipserve.master.supervisor import Master
 from ipserve.master.takeover import take_over
@@ -34,6 +34,13 @@ def serve(cfg: Config) -> int:
         cli.fail(str(exc))
     prepare_runtime_dir(cfg.runtime_dir)
     log = logs.setup_error_log(cfg.error_log, cfg.log_level)
+    if cfg.user is not None:
+        # Workers append to the same log files after dropping to `user`.
+        uid, gid = users.ids(cfg.user, cfg.group)
+        for path in (cfg.error_log, cfg.access_log):
+            if path not in (None, "-"):
+                open(path, "a").close()
+                os.chown(path, uid, gid)
     log.info("ipserve %s: %s", __import__("ipserve").__version__, why)
     try:
         import setproctitle
