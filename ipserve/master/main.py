@@ -16,13 +16,22 @@ from ipserve.master.takeover import take_over
 ADOPTION_WINDOW = 1.5
 
 
-def prepare_runtime_dir(path: str) -> None:
+def prepare_runtime_dir(cfg: Config) -> None:
+    path = cfg.runtime_dir
     try:
         os.makedirs(path, mode=0o755, exist_ok=True)
     except OSError as exc:
         cli.fail(f"runtime_dir {path!r} cannot be created: {exc.strerror}")
     if not os.access(path, os.W_OK):
         cli.fail(f"runtime_dir {path!r} is not writable by uid {os.geteuid()}")
+    if cfg.user is not None:
+        # Workers dropped to `user` must reach the control socket in it.
+        uid, gid = users.ids(cfg.user, cfg.group)
+        st = os.stat(path)
+        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)
+                or (st.st_gid == gid and st.st_mode & 0o010)):
+            cli.fail(f"runtime_dir {path!r} (mode {st.st_mode & 0o777:o}) cannot be entered by "
+                     f"user {cfg.user!r}; make it searchable (chmod o+x) or choose another")
 
 
 def serve(cfg: Config) -> int:
@@ -32,7 +41,7 @@ def serve(cfg: Config) -> int:
                                      adopting=os.path.exists(socket_path))
     except routing.RouterUnavailable as exc:
         cli.fail(str(exc))
-    prepare_runtime_dir(cfg.runtime_dir)
+    prepare_runtime_dir(cfg)
     log = logs.setup_error_log(cfg.error_log, cfg.log_level)
     if cfg.user is not None:
         # Workers append to the same log files after dropping to `user`.

@@ -32,6 +32,7 @@ class WorkerRecord:
     replaces: int | None = None       # pid of the worker this one replaces
     asked_to_exit: bool = False       # cluster memory pressure already asked it
     hung_at: float | None = None
+    listeners: list = dataclasses.field(default_factory=list)   # the master's copies (NAT backends)
     handed_fds: list = dataclasses.field(default_factory=list)  # reuseport sockets handed back
     last_seen: float = dataclasses.field(default_factory=time.monotonic)
     conn: object = None               # the worker's control connection, if any

@@ -21,6 +21,7 @@ import time
 
 from ipserve import config, control, logs, users
 from ipserve.config import Config, ConfigError
+from ipserve.listeners import close_all, open_listeners
 from ipserve.master import policy
 from ipserve.master.registry import WorkerRecord
 from ipserve.routing import RouteError, Router, RouterUnavailable
@@ -76,6 +77,7 @@ class Master:
         self.last_measure = 0.0
         self.last_health_retire = -1e9
         self.spawn_serial = 0
+        self.spare_listeners: dict[int, list[socket.socket]] = {}
         self.started = time.time()
         self.socket_path = control.socket_path(cfg.runtime_dir, cfg.name)
 
@@ -272,6 +274,9 @@ class Master:
         """Stop giving it work: it closes its listener and drains at a lower priority."""
         record.state = "retiring"
         record.retired_at = time.monotonic()
+        # It keeps its own copy until it has drained its accept queue.
+        close_all(record.listeners)
+        record.listeners = []
         try:
             os.setpriority(os.PRIO_PROCESS, record.pid, self.cfg.retired_nice)
         except OSError as exc:
@@ -337,20 +342,44 @@ class Master:
     def spawn(self, slot: int) -> WorkerRecord:
         spec = dict(self.cfg.to_json(), slot=slot, generation=self.generation,
                     control=self.socket_path, families=sorted({b.family for b in self.cfg.bind}))
-        pass_fds = self.router.listener_fds(slot)
-        if pass_fds:
-            spec["listen_fds"] = pass_fds
+        listeners = self.listeners_for(slot)
+        shared = self.router.listener_fds(slot)   # reuseport: the slot's sockets in the group
+        pass_fds = shared or [sock.fileno() for sock in listeners]
+        spec["listen_fds"] = pass_fds
+        spec["shared_listeners"] = bool(shared)
         popen = subprocess.Popen([sys.executable, "-m", "ipserve.worker", json.dumps(spec)],
                                  stdin=subprocess.DEVNULL, start_new_session=True,
                                  pass_fds=pass_fds, **self.worker_identity())
         self.spawn_serial += 1
         record = WorkerRecord(pid=popen.pid, slot=slot, generation=self.generation,
-                              pidfd=os.pidfd_open(popen.pid), popen=popen, serial=self.spawn_serial)
+                              pidfd=os.pidfd_open(popen.pid), popen=popen, serial=self.spawn_serial,
+                              listeners=listeners)
         if self.cfg.max_requests:
             record.max_requests = self.cfg.max_requests + random.randint(0, self.cfg.max_requests_jitter)
         self.track(record)
         self.log.info("spawned worker pid %d for slot %d (generation %d)", record.pid, slot, record.generation)
         return record
+
+    def listeners_for(self, slot: int) -> list[socket.socket]:
+        """NAT backends: the sockets a new worker of `slot` accepts on. A slot
+        whose worker crashed gets that worker's sockets back, so what queued
+        there while it was down is served; anything else gets new ones."""
+        if self.router.listener_fds(slot):
+            return []   # reuseport: the slot's socket belongs to the router's group
+        spare = self.spare_listeners.pop(slot, None)
+        if spare is not None:
+            return spare
+        return open_listeners(sorted({b.family for b in self.cfg.bind}), self.cfg.backlog)
+
+    def give_up_listeners(self, record: WorkerRecord) -> None:
+        """A worker that should still be serving is dead or stuck: its sockets
+        go to the slot's next worker; those of any other worker are closed."""
+        if record.listeners and not self.stopping and record.state in ("active", "hung") \
+                and record.slot not in self.spare_listeners:
+            self.spare_listeners[record.slot] = record.listeners
+        else:
+            close_all(record.listeners)
+        record.listeners = []
 
     def worker_identity(self) -> dict:
         """Popen arguments that drop a worker to `user`/`group` (as root)."""
@@ -373,6 +402,7 @@ class Master:
             self.drop(record.conn)
         lived = time.monotonic() - record.spawned_at
         self.log_exit(record, code, lived)
+        self.give_up_listeners(record)
         if self.stopping or record.state == "retiring":
             return
         if record.replaces is not None and record.ready_at is None:
@@ -433,6 +463,9 @@ class Master:
             record.signal(signal.SIGABRT)
             record.state = "hung"      # no longer routed; its slot is covered and respawned
             record.hung_at = now
+            # Its replacement accepts on the same sockets, so what queued
+            # there while it was stuck is served, not stranded.
+            self.give_up_listeners(record)
         for record in self.workers.values():
             if record.state == "hung" and now - record.hung_at > HUNG_KILL_DELAY:
                 record.signal(signal.SIGKILL)
@@ -446,8 +479,7 @@ class Master:
                 self.replace(record, "largest worker while cluster_memory is exceeded", True, now)
             elif action == "kill":
                 self.log.warning("cluster_memory above 95%%: killing retiring worker pid %d", record.pid)
-                record.signal(signal.SIGKILL)
-                record.state = "killed"
+                record.signal(signal.SIGKILL)   # it stays "retiring": its exit is expected
             elif not record.asked_to_exit:
                 self.log.warning("cluster_memory above 80%%: asking retiring worker pid %d to exit", record.pid)
                 record.asked_to_exit = True
@@ -577,8 +609,11 @@ class Master:
         conn.worker = record
         record.conn = conn
         if conn.fds:
-            if record.adopted and self.adopting_until:
+            if record.adopted and self.adopting_until and self.router.needs_handover:
                 record.handed_fds, conn.fds = conn.fds, []
+            elif record.adopted and self.adopting_until:
+                record.listeners = [socket.socket(fileno=fd) for fd in conn.fds]
+                conn.fds = []
             else:
                 for fd in conn.fds:
                     os.close(fd)
@@ -695,6 +730,10 @@ class Master:
         self.listener.close()
         if self.handed_over:
             return  # the socket path now belongs to the new master
+        for record in self.workers.values():
+            close_all(record.listeners)
+        for spare in self.spare_listeners.values():
+            close_all(spare)
         self.router.close()
         try:
             os.unlink(self.socket_path)

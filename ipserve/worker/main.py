@@ -10,13 +10,13 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import errno  # noqa: E402
 import faulthandler  # noqa: E402
 import resource  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
+import struct  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -43,27 +43,18 @@ def check_app(spec: str, chdir: str | None) -> int:
     return 0
 
 
-def listen(families: list[int], backlog: int) -> list[socket.socket]:
-    """Listen on the wildcard of every family, on one port shared by all."""
-    for _ in range(50):
-        sockets: list[socket.socket] = []
-        port = 0
-        try:
-            for family in families:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sockets.append(sock)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
-                port = sock.getsockname()[1]
-                sock.listen(backlog)
-            return sockets
-        except OSError as exc:
-            for sock in sockets:
-                sock.close()
-            if exc.errno != errno.EADDRINUSE:
-                raise
-    raise OSError(errno.EADDRINUSE, "no port free in every family")
+def close_websocket(ws, code: int, reason: bytes) -> None:
+    """Send a close frame carrying `code` and `reason`, and mark `ws` closed.
+
+    gevent-websocket 0.10's WebSocket.close(code, message) drops `code` and
+    sends str(message) as the whole payload (b"x" goes out as "b'x'", which a
+    client reads as close code 25127), so the frame (RFC 6455 5.5.1) is built here."""
+    if ws.closed:
+        return
+    try:
+        ws.send_frame(struct.pack("!H", code) + reason, ws.OPCODE_CLOSE)
+    finally:
+        ws.closed = True
 
 
 class Worker:
@@ -101,10 +92,10 @@ class Worker:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.diagnostics()
         application = app_loader.load(self.spec["app"], self.spec.get("chdir"))
-        if self.spec.get("listen_fds"):
-            listeners = [socket.socket(fileno=fd) for fd in self.spec["listen_fds"]]
-        else:
-            listeners = listen(self.spec["families"], self.spec["backlog"])
+        # The master opened our listening sockets and keeps a copy: if we die,
+        # connections wait in the backlog for our replacement instead of
+        # being refused.
+        listeners = [socket.socket(fileno=fd) for fd in self.spec["listen_fds"]]
         self.port = listeners[0].getsockname()[1]
         worker_info = {"slot": self.slot, "generation": self.generation, "pid": os.getpid(),
                        "name": self.name}
@@ -132,10 +123,10 @@ class Worker:
             pass
 
     def handback_fds(self) -> list[int]:
-        """reuseport: the slot's sockets, which a new master needs back to
-        take over the group (sent with every hello; only adopters keep them)."""
-        if not self.spec.get("listen_fds") or self.state != "active":
-            return []
+        """Our listening sockets, which a new master takes back on takeover
+        (sent with every hello; only an adopting master keeps them)."""
+        if self.state != "active":
+            return []   # a retiring worker has closed its listeners
         return [server.socket.fileno() for server in self.servers]
 
     # -------------------------------------------------------------- stats
@@ -241,7 +232,11 @@ class Worker:
     def _drain(self) -> None:
         # Connections the kernel routed to us just before the switch may still
         # sit in the accept queue; take them before closing the listener.
-        gevent.sleep(RETIRE_ACCEPT_GRACE)
+        # With reuseport the queue is the slot's shared socket, which the
+        # master and our successor hold too: stop accepting at once, or we
+        # would keep taking the slot's new connections for the grace period.
+        if not self.spec.get("shared_listeners"):
+            gevent.sleep(RETIRE_ACCEPT_GRACE)
         for server in self.servers:
             server.close()
         while self.connections():
@@ -256,7 +251,7 @@ class Worker:
         for server in self.servers:
             for ws in list(server.websockets):
                 try:
-                    ws.close(1001, b"server going away")
+                    close_websocket(ws, 1001, b"server going away")
                 except Exception:  # the peer may be gone already
                     pass
         gevent.sleep(0.2)  # let the close frames go out

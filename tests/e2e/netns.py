@@ -851,6 +851,25 @@ def unique_name(prefix: str = "t") -> str:
     return f"{prefix}{secrets.token_hex(4)}"
 
 
+SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
+
+
+def _primary_gid(uid: int) -> int:
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return uid
+
+
+def setpriv_argv(uid: int | None) -> list[str]:
+    """A command prefix that runs as `uid` (its primary group, no supplementary
+    groups, no capabilities); [] for None. setpriv execs: the pid is kept."""
+    if uid is None:
+        return []
+    return [SETPRIV, f"--reuid={uid}", f"--regid={_primary_gid(uid)}", "--clear-groups"]
+
+
 def _has_opt(args: Sequence[str], *flags: str) -> bool:
     return any(a in flags or any(a.startswith(f + "=") for f in flags if f.startswith("--"))
                for a in args)
@@ -890,7 +909,7 @@ class IpserveProcess:
                  name: str | None = None, runtime_dir: str | None = None,
                  log_path: str | None = None, cwd: str | None = None,
                  pythonpath: Sequence[str] = (), server_module: str | None = None,
-                 ctl_module: str | None = None):
+                 ctl_module: str | None = None, run_as: int | None = None):
         self.testbed = testbed
         self.ns = testbed.server_ns
         args = [str(a) for a in args]
@@ -918,7 +937,15 @@ class IpserveProcess:
         self._last_ctl_error = ""
         self._cleaned = False
         self._log = open(self.log_path, "ab")
-        self.argv = [sys.executable, "-m", self.server_module, *self.args]
+        self.run_as = run_as
+        if run_as is not None:
+            # setpriv drops every capability with the uid; the runtime
+            # directory must belong to that user (0700 workdir: let it through).
+            gid = _primary_gid(run_as)
+            os.chmod(self.workdir, 0o755)
+            if not given_rt:
+                os.chown(self.runtime_dir, run_as, gid)
+        self.argv = [*setpriv_argv(run_as), sys.executable, "-m", self.server_module, *self.args]
         self._log.write(f"# ip netns exec {self.ns} {' '.join(self.argv)}\n".encode())
         self._log.flush()
         try:
@@ -1145,6 +1172,7 @@ def start_ipserve(testbed: Testbed, args: Sequence[str], env: dict | None = None
     already have them. `env` entries override the inherited environment
     (None removes a key; inherited IPSERVE_* are always dropped). Keyword
     arguments: name, runtime_dir, log_path, cwd, pythonpath, server_module,
-    ctl_module.
+    ctl_module, run_as (a uid: run the master under setpriv as that user,
+    without capabilities; its private runtime directory is chowned to it).
     """
     return IpserveProcess(testbed, args, env, **kwargs)
