@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import socket
 
 import gevent
@@ -26,8 +27,21 @@ class ClientError(ValueError):
         self.response = response
 
 
-HEADERS_TOO_LARGE = ClientError("431", _response("431 Request Header Fields Too Large"))
-HEADER_TIMEOUT = ClientError("408", _response("408 Request Timeout"))
+# (status, response) pairs; raise ClientError(*PAIR), a new exception each
+# time: raising one shared instance again and again chains every traceback onto
+# it, and with them the handler frames, sockets and buffers (a leak per request).
+HEADERS_TOO_LARGE = ("431", _response("431 Request Header Fields Too Large"))
+HEADER_TIMEOUT = ("408", _response("408 Request Timeout"))
+BAD_REQUEST = ("400", _response("400 Bad Request"))
+
+# RFC 9110/9112: a method and a field name are tokens; the version is HTTP/1.x;
+# no control characters in the request line, no NUL/CR/LF in a field value.
+_TOKEN = "[!#$%&'*+\\-.^_`|~0-9A-Za-z]+"
+_METHOD = re.compile(_TOKEN)
+_FIELD_NAME = re.compile(_TOKEN.encode())
+_VERSION = re.compile(r"HTTP/1\.[0-9]")
+_LINE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_VALUE_CONTROL = re.compile(rb"[\x00\r\n]")
 
 
 class Limits:
@@ -68,7 +82,7 @@ class Handler(WebSocketHandler):
             line = self._before(now + wait, lambda: self.rfile.readline(limits.request_line + 1))
         except gevent.Timeout:
             if self.requests_on_connection == 0:
-                self._send_and_close(HEADER_TIMEOUT)
+                self._send_and_close(ClientError(*HEADER_TIMEOUT))
             return ""   # an idle keep-alive connection just closes
         self.header_deadline = gevent.get_hub().loop.now() + limits.header_timeout
         self.requests_on_connection += 1
@@ -78,12 +92,19 @@ class Handler(WebSocketHandler):
         return line
 
     def read_request(self, raw_requestline):
+        # A malformed request line (HTTP/0.9, garbage, a TLS handshake) is
+        # refused at once, not after header_timeout spent waiting for headers.
+        line = raw_requestline.rstrip("\r\n")
+        words = line.split()
+        if (len(words) != 3 or not _METHOD.fullmatch(words[0]) or not _VERSION.fullmatch(words[2])
+                or _LINE_CONTROL.search(line)):
+            raise ClientError(*BAD_REQUEST)
         # Read the header block ourselves, under the limits, then let pywsgi
         # parse it from memory.
         try:
             block = self._before(self.header_deadline, self._read_header_block)
         except gevent.Timeout:
-            raise HEADER_TIMEOUT from None
+            raise ClientError(*HEADER_TIMEOUT) from None
         real_rfile, self.rfile = self.rfile, io.BytesIO(block)
         try:
             return super().read_request(raw_requestline)
@@ -93,17 +114,33 @@ class Handler(WebSocketHandler):
     def _read_header_block(self) -> bytes:
         limits = self.server.limits
         lines = []
+        lengths: set[bytes] = set()
+        codings: list[bytes] = []
         while True:
             line = self.rfile.readline(limits.field_size + 3)
             if not line:
-                raise ClientError("400", _response("400 Bad Request"))
+                raise ClientError(*BAD_REQUEST)
             if line in (b"\r\n", b"\n"):
+                # Framing must be unambiguous (request smuggling): one
+                # Content-Length value, or "Transfer-Encoding: chunked" alone
+                # (pywsgi understands no other coding).
+                if len(lengths) > 1 or (codings and (lengths or codings != [b"chunked"])):
+                    raise ClientError(*BAD_REQUEST)
                 lines.append(line)
                 return b"".join(lines)
             if len(line.rstrip(b"\r\n")) > limits.field_size or len(lines) >= limits.fields:
-                raise HEADERS_TOO_LARGE
-            if b":" not in line and not line[:1].isspace():
-                raise ClientError("400", _response("400 Bad Request"))
+                raise ClientError(*HEADERS_TOO_LARGE)
+            content = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n")
+            name, colon, value = content.partition(b":")
+            # No colon, whitespace before it, an obs-fold continuation line,
+            # NUL/CR in a value: 400 (RFC 9112 5.1, 5.2; RFC 9110 5.5).
+            if not colon or not _FIELD_NAME.fullmatch(name) or _VALUE_CONTROL.search(value):
+                raise ClientError(*BAD_REQUEST)
+            name = name.lower()
+            if name == b"content-length":
+                lengths.add(value.strip())
+            elif name == b"transfer-encoding":
+                codings.append(value.strip().lower())
             lines.append(line)
 
     def _handle_client_error(self, ex):
@@ -111,6 +148,17 @@ class Handler(WebSocketHandler):
             self.close_connection = True
             return (ex.status, ex.response)
         return super()._handle_client_error(ex)
+
+    def handle_error(self, t, v, tb):
+        # pywsgi's wsgi.input raises a bare IOError when the client ends the
+        # body early (before Content-Length or the last chunk). That is the
+        # client's doing: a 400 and a log line, not a 500 and a traceback.
+        if issubclass(t, OSError) and str(v).startswith("unexpected end of file while"):
+            self.log_error("Invalid request (from %s): %s", self.client_address, v)
+            self.close_connection = True
+            self._send_error_response_if_possible(400)
+            return
+        super().handle_error(t, v, tb)
 
     def _send_and_close(self, error: ClientError) -> None:
         try:
@@ -142,15 +190,17 @@ class Handler(WebSocketHandler):
     def run_websocket(self):
         ws = self.websocket
         self.server.websockets.add(ws)
-        plain_send = ws.send
+        # WebSocket has __slots__: its methods cannot be wrapped per instance,
+        # but raw_write (every frame, close frames included) is a slot.
+        plain_write = ws.raw_write
         timeout = self.server.limits.ws_send_timeout
 
-        def send(*args, **kwargs):
+        def write(data):
             # A peer that stops reading fills the socket buffer and blocks us;
             # past ws_send_timeout the connection is cut rather than held.
             try:
                 with gevent.Timeout(timeout):
-                    return plain_send(*args, **kwargs)
+                    return plain_write(data)
             except gevent.Timeout:
                 try:
                     self.socket.shutdown(socket.SHUT_RDWR)
@@ -158,7 +208,7 @@ class Handler(WebSocketHandler):
                     pass
                 raise WebSocketError(f"peer read nothing for {timeout:.0f}s; connection closed") from None
 
-        ws.send = send
+        ws.raw_write = write
         try:
             return super().run_websocket()
         finally:
@@ -193,8 +243,18 @@ class Server(pywsgi.WSGIServer):
         # (~22 requests/s here instead of thousands).
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().handle(sock, address)
+
+    # A connection counts from its accept, not from when its greenlet first
+    # runs: _do_read accepts up to 100 at once and only schedules their
+    # handlers, and a draining worker (retire, stop) that saw 0 meanwhile
+    # would exit holding connections nobody read, which the kernel resets.
+    def do_handle(self, *args):
         self.connections += 1
-        try:
-            super().handle(sock, address)
-        finally:
-            self.connections -= 1
+        super().do_handle(*args)
+
+    def do_close(self, *args):
+        # gevent calls it once per do_handle: when the handler ends, or when
+        # spawning it failed.
+        self.connections -= 1
+        super().do_close(*args)

@@ -4,8 +4,12 @@ Routes (GET):
   /, /whoami     JSON {"pid", "remote_addr", "worker"}
   /ws            WebSocket echo (gevent-websocket: environ["wsgi.websocket"])
   /sleep?s=N     gevent.sleep(N) then 200: a long poll that leaves the hub free
-  /block?s=N     busy loop for N seconds that holds the hub (hub lag, toobusy)
+  /block?s=N     busy loop for N seconds that holds the hub (hub lag, toobusy);
+                 the loop is in _block_hub(), the name a blocked-hub report shows
+  /busy          JSON {"too_busy_env": environ["ipserve.too_busy"],
+                 "too_busy_fn": ipserve.too_busy()} (None outside ipserve)
   /leak?mb=N     keeps N more MiB (touched, so it counts in RSS); JSON with totals
+  /echo          reads the whole request body (any method); JSON {"length", "body"}
 anything else    404
 
 Use it as ``tests/apps/probe.py:application`` (path form) or
@@ -63,6 +67,26 @@ def _websocket(environ, start_response):
     return []
 
 
+def _block_hub(seconds: float) -> int:
+    """Spin for `seconds` without ever yielding to the gevent hub."""
+    end = time.perf_counter() + seconds
+    spins = 0
+    while time.perf_counter() < end:     # never yields to the hub
+        spins += 1
+    return spins
+
+
+def _busy(environ) -> dict:
+    try:
+        import ipserve
+    except ImportError:                  # served by something else than ipserve
+        too_busy_fn = None
+    else:
+        too_busy_fn = ipserve.too_busy()
+    return {**_whoami(environ), "too_busy_env": environ.get("ipserve.too_busy"),
+            "too_busy_fn": too_busy_fn}
+
+
 def application(environ, start_response):
     path = environ.get("PATH_INFO", "/")
     try:
@@ -76,12 +100,17 @@ def application(environ, start_response):
             return _json(start_response, {**_whoami(environ), "slept": seconds})
         if path == "/block":
             seconds = _number(environ, "s", 1.0)
-            end = time.perf_counter() + seconds
-            spins = 0
-            while time.perf_counter() < end:     # never yields to the hub
-                spins += 1
+            spins = _block_hub(seconds)
             return _json(start_response, {**_whoami(environ), "blocked": seconds,
                                           "spins": spins})
+        if path == "/busy":
+            return _json(start_response, _busy(environ))
+        if path == "/echo":
+            # Reads the body, so the server's body parser (Content-Length,
+            # chunked) runs; its errors (IOError) are the server's to answer.
+            body = environ["wsgi.input"].read()
+            return _json(start_response, {"length": len(body),
+                                          "body": body.decode("latin-1")})
         if path == "/leak":
             mb = int(_number(environ, "mb", 1))
             if mb > 0:
