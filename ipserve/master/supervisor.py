@@ -277,8 +277,11 @@ class Master:
         # It keeps its own copy until it has drained its accept queue.
         close_all(record.listeners)
         record.listeners = []
+        # On Linux a nice value belongs to a thread: renice every one of them
+        # (gevent's monitor thread and the resolver threads too).
         try:
-            os.setpriority(os.PRIO_PROCESS, record.pid, self.cfg.retired_nice)
+            for tid in os.listdir(f"/proc/{record.pid}/task"):
+                os.setpriority(os.PRIO_PROCESS, int(tid), self.cfg.retired_nice)
         except OSError as exc:
             self.log.warning("could not renice worker pid %d: %s", record.pid, exc)
         record.measure()
@@ -415,6 +418,8 @@ class Master:
                 and record.ready_at is None):
             self.fail_reload(record, record.boot_error or
                              f"worker pid {record.pid} (slot {record.slot}) exited before it was ready")
+            if record.slot not in policy.slots_to_spawn(self.workers.values(), self.slots):
+                return   # the slot still has its worker: this is not a crash of the slot
         if record.ready_at is None or lived < DIED_YOUNG:
             self.quick_failures[record.slot] += 1
         else:

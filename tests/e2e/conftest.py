@@ -101,7 +101,12 @@ def ipserve(request, testbed, tmp_path):
         args = [str(a) for a in args]
         name = (netns._opt_value(args, "-n", "--name") or kwargs.pop("name", None)
                 or netns.unique_name())
-        kwargs.setdefault("log_path", str(tmp_path / f"ipserve-{name}.log"))
+        # A second master of the same name (takeover tests) gets a log of its own.
+        log_path, n = tmp_path / f"ipserve-{name}.log", 1
+        while log_path.exists():
+            n += 1
+            log_path = tmp_path / f"ipserve-{name}-{n}.log"
+        kwargs.setdefault("log_path", str(log_path))
         proc = netns.start_ipserve(tb, args, env, name=name, **kwargs)
         procs.append(proc)
         return proc
