@@ -428,7 +428,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flags = [s.short, s.flag] if s.short else [s.flag]
         kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, dest=s.name,
                                       metavar=s.metavar or s.name.upper(),
-                                      help=f"{s.doc} [{s.env}]")
+                                      help=f"{s.doc} [{s.env}]".replace("%", "%%"))
         if s.repeatable:
             kwargs["action"] = "append"
         choices = getattr(s.parse, "choices", None)

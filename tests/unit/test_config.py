@@ -132,3 +132,12 @@ def test_optional_limits_accept_none_and_zero(tmp_path):
     cfg = resolve({"app": "a:b", "config": path}, environ={"IPSERVE_CLUSTER_MEMORY": "none"})
     assert cfg.worker_memory == 512 * 1024**2
     assert cfg.retired_timeout is None and cfg.access_log is None and cfg.cluster_memory is None
+
+
+def test_help_lists_every_setting():
+    from ipserve.cli import build_parser
+
+    text = build_parser().format_help()
+    for s in config.SETTINGS:
+        if s.name != "app":
+            assert s.flag in text and s.env in text
