@@ -11,21 +11,17 @@ generation), which is checked against `ipservectl status --json`.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import json
-import os
-import shutil
 import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 import netns
+from backends import backend_unavailable, slot_of
 from netns import HttpClient, active_workers, http_json, ws_connect
 
 PORT = 8000
@@ -38,33 +34,6 @@ NAT_BACKENDS = ["nft", "iptables", "iptc"]
 # --------------------------------------------------------------------------- #
 # Backends
 # --------------------------------------------------------------------------- #
-
-def _which(tool: str) -> str | None:
-    return shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-
-
-@functools.cache
-def _iptc_importable() -> str | None:
-    """None if python-iptables imports in the interpreter ipserve runs with."""
-    proc = subprocess.run([sys.executable, "-c", "import iptc"], capture_output=True, text=True,
-                          timeout=30)
-    if proc.returncode == 0:
-        return None
-    lines = proc.stderr.strip().splitlines()
-    return lines[-1] if lines else f"exit status {proc.returncode}"
-
-
-def backend_unavailable(kind: str) -> str | None:
-    if kind == "nft" and not _which("nft"):
-        return "nft is not installed (apt-get install nftables)"
-    if kind == "iptables" and not (_which("iptables-restore") and _which("ip6tables-restore")):
-        return "iptables-restore is not installed (apt-get install iptables)"
-    if kind == "iptc":
-        why = _iptc_importable()
-        if why:
-            return f"python-iptables is not importable in {sys.executable}: {why}"
-    return None
-
 
 @pytest.fixture
 def backend(request) -> str:
@@ -81,10 +50,6 @@ def backends(*kinds: str):
 # --------------------------------------------------------------------------- #
 # Helpers
 # --------------------------------------------------------------------------- #
-
-def slot_of(address: str, workers: int) -> int:
-    return int(ipaddress.ip_address(address)) & (workers - 1)
-
 
 def routed_generation(st: dict, workers: int, generation: int | None = None) -> dict | None:
     """slot -> worker if every slot has exactly one active worker (of

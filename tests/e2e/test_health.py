@@ -15,7 +15,6 @@ states, log lines, status codes), memory bounds and counts.
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import json
 import os
 import re
@@ -32,6 +31,7 @@ import psutil
 import pytest
 
 import netns
+from backends import routed_workers, slot_of
 from netns import HttpClient, http_get, tcp_connect, ws_connect
 
 PORT = 8000
@@ -51,26 +51,11 @@ pytestmark = pytest.mark.skipif(not _which("nft"), reason="nft is not installed"
 # Helpers
 # --------------------------------------------------------------------------- #
 
-def slot_of(address: str, workers: int) -> int:
-    return int(ipaddress.ip_address(address)) & (workers - 1)
-
-
 def slot_addrs(tb, slot: int, workers: int = 2) -> list[str]:
     return [a for a in tb.client_ips if slot_of(a, workers) == slot]
 
 
-def routed_workers(st: dict, workers: int) -> dict[int, dict] | None:
-    """slot -> worker, if every slot has exactly one active worker and the
-    installed routes send each slot to that worker's port; else None."""
-    by_slot: dict[int, list[dict]] = {}
-    for w in netns.active_workers(st):
-        by_slot.setdefault(w["slot"], []).append(w)
-    if sorted(by_slot) != list(range(workers)) or any(len(ws) != 1 for ws in by_slot.values()):
-        return None
-    table = {slot: ws[0] for slot, ws in by_slot.items()}
-    if st.get("routes") != {str(slot): w["port"] for slot, w in table.items()}:
-        return None
-    return table
+
 
 
 def wait_routed(srv, workers: int = 2, timeout: float = 30, predicate=lambda table: True,

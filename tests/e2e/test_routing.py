@@ -13,20 +13,17 @@ of slot `address & (workers - 1)`.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 import netns
+from backends import backend_unavailable, routed_workers, slot_of, which
 from netns import active_workers, call_in, http_json, tcp_connect, ws_connect
 
 PORT = 8000
@@ -42,36 +39,6 @@ IPTABLES_TOOLS = ("iptables", "ip6tables", "iptables-legacy", "ip6tables-legacy"
 # Backends
 # --------------------------------------------------------------------------- #
 
-def _which(tool: str) -> str | None:
-    return shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-
-
-@functools.cache
-def _iptc_importable() -> str | None:
-    """None if python-iptables imports in this interpreter (the one ipserve runs
-    with), else why not. Imported in a child: it loads C libraries."""
-    proc = subprocess.run([sys.executable, "-c", "import iptc"], capture_output=True, text=True,
-                          timeout=30)
-    if proc.returncode == 0:
-        return None
-    lines = proc.stderr.strip().splitlines()
-    return lines[-1] if lines else f"exit status {proc.returncode}"
-
-
-def backend_unavailable(kind: str) -> str | None:
-    if kind == "nft" and not _which("nft"):
-        return "nft is not installed (apt-get install nftables)"
-    if kind == "iptables" and not (_which("iptables-restore") and _which("ip6tables-restore")):
-        return "iptables-restore is not installed (apt-get install iptables)"
-    if kind == "iptc":
-        why = _iptc_importable()
-        if why:
-            return f"python-iptables is not importable in {sys.executable}: {why}"
-        if not _which("iptables-legacy"):
-            return "iptables-legacy is not installed (needed to see iptc's rules)"
-    return None
-
-
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
     why = backend_unavailable(request.param)
@@ -84,23 +51,10 @@ def backend(request) -> str:
 # Helpers
 # --------------------------------------------------------------------------- #
 
-def slot_of(address: str, workers: int) -> int:
-    """What the kernel must pick: the low bits of the client's own address."""
-    return int(ipaddress.ip_address(address)) & (workers - 1)
 
 
-def routed_workers(st: dict, workers: int) -> dict[int, dict] | None:
-    """slot -> worker, if every slot has exactly one active worker and the
-    master's installed routes send each slot to that worker's port; else None."""
-    by_slot: dict[int, list[dict]] = {}
-    for w in active_workers(st):
-        by_slot.setdefault(w["slot"], []).append(w)
-    if sorted(by_slot) != list(range(workers)) or any(len(ws) != 1 for ws in by_slot.values()):
-        return None
-    table = {slot: ws[0] for slot, ws in by_slot.items()}
-    if st.get("routes") != {str(slot): w["port"] for slot, w in table.items()}:
-        return None
-    return table
+
+
 
 
 def wait_routed(srv, workers: int = WORKERS, timeout: float = 30,
@@ -160,10 +114,10 @@ def wait_exit(srv, timeout: float = 30) -> int:
 def kernel_rules(ns: str) -> dict[str, str]:
     """What the firewall holds in `ns`: the nft ruleset and every iptables nat listing."""
     out = {}
-    if _which("nft"):
-        out["nft"] = call_in(ns, [_which("nft"), "list", "ruleset"]).stdout
+    if which("nft"):
+        out["nft"] = call_in(ns, [which("nft"), "list", "ruleset"]).stdout
     for tool in IPTABLES_TOOLS:
-        path = _which(tool)
+        path = which(tool)
         if path:
             proc = call_in(ns, [path, "-w", "-t", "nat", "-S"], check=False)
             out[tool] = proc.stdout + proc.stderr
