@@ -161,12 +161,8 @@ class Master:
 
     def handle_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
-        handler = getattr(self, "handle_" + name[3:].lower(), None)
-        if handler is None:
-            self.log.warning("ignoring %s: not supported yet", name)
-            return
         self.log.info("received %s", name)
-        handler()
+        getattr(self, "handle_" + name[3:].lower())()
 
     def handle_term(self) -> None:
         self.begin_stop("graceful")
@@ -204,6 +200,9 @@ class Master:
     # ================================================================ generations
     def begin_reload(self, slots: int | None = None) -> None:
         """Start a new generation; its workers take their slots as they say ready."""
+        if self.stopping:
+            self.log.warning("reload ignored: the master is stopping")
+            return
         try:
             cfg = self.reread_config()
         except ConfigError as exc:
@@ -294,15 +293,16 @@ class Master:
         for record in self.workers.values():
             if record.state == "retiring":
                 self.log.info("closing retired worker pid %d: %s", record.pid, why)
-                if record.conn is None or not record.conn.send({"type": "close"}):
-                    record.signal(signal.SIGQUIT)
+                self.ask_to_close(record)
+
+    def ask_to_close(self, record: WorkerRecord) -> None:
+        """End its connections now (WebSockets get 1001); SIGQUIT if unreachable."""
+        if record.conn is None or not record.conn.send({"type": "close"}):
+            record.signal(signal.SIGQUIT)
 
     def close_overdue(self, now: float) -> None:
         for record in policy.overdue_retirees(self.workers.values(), now, self.cfg.retired_timeout):
-            if record.conn is not None:
-                record.conn.send({"type": "close"})
-            else:
-                record.signal(signal.SIGQUIT)
+            self.ask_to_close(record)
             record.retired_at = now  # ask again after another retired_timeout if it lingers
 
     def end_adoption(self) -> None:
@@ -375,10 +375,13 @@ class Master:
         return open_listeners(sorted({b.family for b in self.cfg.bind}), self.cfg.backlog)
 
     def give_up_listeners(self, record: WorkerRecord) -> None:
-        """A worker that should still be serving is dead or stuck: its sockets
-        go to the slot's next worker; those of any other worker are closed."""
+        """A worker that should still be serving is dead or stuck and leaves its
+        slot empty: its sockets go to the slot's next worker. Otherwise they are
+        closed (kept, nobody would ever accept what queues there)."""
+        slot_left_empty = record.slot in policy.slots_to_spawn(
+            (w for w in self.workers.values() if w is not record), self.slots)
         if record.listeners and not self.stopping and record.state in ("active", "hung") \
-                and record.slot not in self.spare_listeners:
+                and slot_left_empty and record.slot not in self.spare_listeners:
             self.spare_listeners[record.slot] = record.listeners
         else:
             close_all(record.listeners)
@@ -488,8 +491,7 @@ class Master:
             elif not record.asked_to_exit:
                 self.log.warning("cluster_memory above 80%%: asking retiring worker pid %d to exit", record.pid)
                 record.asked_to_exit = True
-                if record.conn is None or not record.conn.send({"type": "close"}):
-                    record.signal(signal.SIGQUIT)
+                self.ask_to_close(record)
 
     def replace(self, record: WorkerRecord, reason: str, rate_limited: bool, now: float) -> None:
         """Start a fresh worker for the slot; the old one retires once it is ready."""
