@@ -11,7 +11,8 @@ def human_size(n: int) -> str:
     return str(n)
 
 
-COLUMNS = ("pid", "slot", "gen", "port", "state", "rss", "conns", "requests", "lag_ms", "nice", "age_s")
+COLUMNS = ("pid", "slot", "gen", "port", "state", "rss", "conns", "requests", "lag_ms", "nice",
+           "age_s", "retired_s")
 
 
 def render_table(status: dict) -> str:
@@ -22,11 +23,19 @@ def render_table(status: dict) -> str:
     ]
     if status.get("route_error"):
         lines.append(f"routing error (previous routes kept): {status['route_error']}")
+    reload = status.get("reload")
+    if reload:
+        outcome = {"done": f"done in {reload.get('seconds')}s", "in progress": "in progress",
+                   "failed": f"FAILED: {reload.get('error')}"}.get(reload["state"], reload["state"])
+        lines.append(f"last reload: generation {reload.get('generation')} {outcome}")
+    for sock in status.get("routing", {}).get("sockets", []):
+        lines.append(f"slot {sock['slot']} socket: fd {sock['fd']} {sock['address']}")
     rows = [COLUMNS]
     for w in status["workers"]:
         rows.append((str(w["pid"]), str(w["slot"]), str(w["generation"]), str(w["port"] or "-"),
                      w["state"], human_size(w["rss"]), str(w["connections"]), str(w["requests"]),
-                     f"{w['lag_ms']:.1f}", str(w["nice"]), f"{w['age_s']:.0f}"))
+                     f"{w['lag_ms']:.1f}", str(w["nice"]), f"{w['age_s']:.0f}",
+                     "-" if w.get("retired_for_s") is None else f"{w['retired_for_s']:.0f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     for row in rows:
         lines.append("  ".join(cell.rjust(width) for cell, width in zip(row, widths)).rstrip())

@@ -51,6 +51,8 @@ def serve(cfg: Config) -> int:
                 open(path, "a").close()
                 os.chown(path, uid, gid)
     log.info("ipserve %s: %s", __import__("ipserve").__version__, why)
+    if router.describe().get("note"):
+        log.info("router %s: %s", router.name, router.describe()["note"])
     try:
         import setproctitle
         setproctitle.setproctitle(f"ipserve: master [{cfg.name}]")
