@@ -51,15 +51,18 @@ def slot_of(address: str, workers: int) -> int:
     return int(ipaddress.ip_address(address)) & (workers - 1)
 
 
-def routed_workers(st: dict, workers: int) -> dict[int, dict] | None:
-    """slot -> worker, if every slot has exactly one active worker and the
-    master's installed routes send each slot to that worker's port; else None."""
+def routed_workers(st: dict, workers: int, generation: int | None = None) -> dict[int, dict] | None:
+    """slot -> worker, if every slot has exactly one active worker (of
+    `generation`, if given) and the master's installed routes send each slot
+    to that worker's port; else None."""
     by_slot: dict[int, list[dict]] = {}
     for w in active_workers(st):
         by_slot.setdefault(w["slot"], []).append(w)
     if sorted(by_slot) != list(range(workers)) or any(len(ws) != 1 for ws in by_slot.values()):
         return None
     table = {slot: ws[0] for slot, ws in by_slot.items()}
+    if generation is not None and any(w["generation"] != generation for w in table.values()):
+        return None
     if st.get("routes") != {str(slot): w["port"] for slot, w in table.items()}:
         return None
     return table

@@ -21,8 +21,8 @@ import time
 import pytest
 
 import netns
-from backends import backend_unavailable, slot_of
-from netns import HttpClient, active_workers, http_json, ws_connect
+from backends import backend_unavailable, routed_workers, slot_of
+from netns import HttpClient, http_json, ws_connect
 
 PORT = 8000
 WORKERS = 2
@@ -51,30 +51,14 @@ def backends(*kinds: str):
 # Helpers
 # --------------------------------------------------------------------------- #
 
-def routed_generation(st: dict, workers: int, generation: int | None = None) -> dict | None:
-    """slot -> worker if every slot has exactly one active worker (of
-    `generation`, if given) and the installed routes point each slot at it."""
-    by_slot: dict[int, list[dict]] = {}
-    for w in active_workers(st):
-        by_slot.setdefault(w["slot"], []).append(w)
-    if sorted(by_slot) != list(range(workers)) or any(len(ws) != 1 for ws in by_slot.values()):
-        return None
-    table = {slot: ws[0] for slot, ws in by_slot.items()}
-    if generation is not None and any(w["generation"] != generation for w in table.values()):
-        return None
-    if st.get("routes") != {str(slot): w["port"] for slot, w in table.items()}:
-        return None
-    return table
-
-
 def wait_routed(srv, workers: int = WORKERS, generation: int | None = None,
                 timeout: float = 30) -> tuple[dict, dict]:
     """Wait until every slot is routed to its one active worker (of `generation`).
     Returns (status, {slot: worker})."""
     gen = "" if generation is None else f" of generation {generation}"
-    st = srv.wait_for(lambda st: routed_generation(st, workers, generation) is not None,
+    st = srv.wait_for(lambda st: routed_workers(st, workers, generation) is not None,
                       timeout=timeout, what=f"{workers} slots routed to active workers{gen}")
-    return st, routed_generation(st, workers, generation)
+    return st, routed_workers(st, workers, generation)
 
 
 def wait_reload(srv, generation: int, state: str = "done", timeout: float = 30) -> dict:
