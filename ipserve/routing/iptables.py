@@ -23,7 +23,8 @@ HOOKS = ("PREROUTING", "OUTPUT")
 
 
 def chain_name(instance: str) -> str:
-    return "IPS-" + instance
+    from ipserve.names import iptables_chain
+    return iptables_chain(instance)
 
 
 def jump_rule(hook: str, chain: str) -> str:

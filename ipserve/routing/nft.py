@@ -21,7 +21,8 @@ FAMILIES = {socket.AF_INET: ("ip", "ipv4_addr", ipaddress.IPv4Address),
 
 
 def table_name(instance: str) -> str:
-    return "ipserve_" + instance.replace("-", "_").replace(".", "_")
+    from ipserve.names import nft_table
+    return nft_table(instance)
 
 
 def render_remove(instance: str) -> str:

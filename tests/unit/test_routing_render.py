@@ -50,8 +50,15 @@ def test_nft_specific_host_matches_daddr():
     assert "table ip6 ipserve_web {" not in script
 
 
-def test_nft_table_name_is_sanitised():
-    assert nft.table_name("ipserve-8000") == "ipserve_ipserve_8000"
+def test_nft_table_name_is_one_to_one():
+    # '-' and '.' are kept: web-1, web.1 and web_1 are three tables, not one.
+    assert nft.table_name("ipserve-8000") == "ipserve_ipserve-8000"
+    assert len({nft.table_name(n) for n in ("web-1", "web.1", "web_1")}) == 3
+    assert "table ip ipserve_web.1 {" in nft.render_table("web.1", [V4], {0: 1})
+    with pytest.raises(ValueError):
+        nft.table_name("x;delete table inet mine")
+    with pytest.raises(ValueError):
+        iptables.chain_name("../x")
 
 
 def test_iptables_chain_and_jumps():
