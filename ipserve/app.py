@@ -13,6 +13,10 @@ import sys
 import traceback
 
 
+# The last line `python -m ipserve.worker --check` prints: what importing APP cost.
+CHECK_REPORT = "ipserve-check: "
+
+
 class AppError(Exception):
     def __init__(self, message: str, detail: str = ""):
         super().__init__(message)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import tomllib
 from typing import Any, Callable
+
+from ipserve import names
 
 ENV_PREFIX = "IPSERVE_"
 
@@ -37,13 +40,17 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s or 500ms")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError("expected a finite duration such as 30s or 500ms")
         if value < 0:
             raise ValueError("must not be negative")
         return float(value)
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
+        m = re.fullmatch(r"\s*(-?)\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
+        if m and m.group(1):
+            raise ValueError("must not be negative")
         if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+            return float(m.group(2)) * _DURATION_UNITS[m.group(3) or "s"]
     raise ValueError("expected a duration such as 30s or 500ms")
 
 
@@ -56,9 +63,11 @@ def parse_size(value: Any) -> int:
             raise ValueError("must not be negative")
         return value
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
-        if m and m.group(2).lower() in _SIZE_UNITS:
-            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+        m = re.fullmatch(r"\s*(-?)\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(3).lower() in _SIZE_UNITS:
+            if m.group(1):
+                raise ValueError("must not be negative")
+            return int(float(m.group(2)) * _SIZE_UNITS[m.group(3).lower()])
     raise ValueError("expected a size such as 448MiB")
 
 
@@ -72,12 +81,30 @@ def parse_int(value: Any) -> int:
     raise ValueError("expected a whole number")
 
 
+def integer(minimum: int | None = 0, maximum: int | None = None) -> Callable[[Any], int]:
+    """parse_int within [minimum, maximum] (None: unbounded on that side)."""
+    def parse_bounded(value: Any) -> int:
+        n = parse_int(value)
+        if minimum is not None and maximum is not None:
+            if not minimum <= n <= maximum:
+                raise ValueError(f"must be between {minimum} and {maximum}")
+        elif minimum is not None and n < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        elif maximum is not None and n > maximum:
+            raise ValueError(f"must be at most {maximum}")
+        return n
+    return parse_bounded
+
+
+MAX_WORKERS = 1024
+
+
 def parse_power_of_two(value: Any) -> int:
     n = parse_int(value)
     if n < 1 or n & (n - 1):
         raise ValueError("must be a power of two (1, 2, 4, 8, ...)")
-    if n > 1024:
-        raise ValueError("must be at most 1024")
+    if n > MAX_WORKERS:
+        raise ValueError(f"must be at most {MAX_WORKERS}")
     return n
 
 
@@ -98,12 +125,8 @@ def parse_str(value: Any) -> str:
 
 
 def parse_name(value: Any) -> str:
-    # The name ends up in a file name, an nft table name and an iptables chain
-    # name (at most 28 characters, of which "IPS-" takes 4).
-    name = parse_str(value)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,23}", name):
-        raise ValueError("use at most 24 letters, digits, '-', '_' or '.'")
-    return name
+    # The one rule, shared with ipservectl: see ipserve.names.
+    return names.validate(value)
 
 
 def choice(*allowed: str) -> Callable[[Any], str]:
@@ -181,6 +204,15 @@ def optional(parse: Callable[[Any], Any], zero_is_none: bool = False) -> Callabl
     return parse_optional
 
 
+def no_limit(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A limit or threshold where 0 (or "none") means there is none: None in the config.
+
+    Code reads None as "disabled"; a number it sees is never 0. Settings where 0
+    is a real amount (graceful_timeout, spawn_interval, keepalive, ...) keep 0.
+    """
+    return optional(parse, zero_is_none=True)
+
+
 # ---------------------------------------------------------------- the table
 
 @dataclasses.dataclass(frozen=True)
@@ -244,72 +276,81 @@ SETTINGS: tuple[Setting, ...] = (
             "Directory to change to before loading the app; it goes on sys.path.",
             metavar="DIR"),
     Setting("graceful_timeout", parse_duration, 30.0,
-            "On TERM, how long workers may finish what they hold before they are killed.",
-            metavar="DURATION"),
-    Setting("boot_timeout", parse_duration, 30.0,
-            "How long a new worker may take to say ready before it is killed and replaced.",
-            metavar="DURATION"),
-    Setting("retired_nice", parse_int, 10,
-            "Nice value a retiring worker is given while it drains its connections.",
+            "On TERM, how long workers may finish what they hold before they are killed. "
+            "0: they are stopped at once.", metavar="DURATION"),
+    Setting("boot_timeout", no_limit(parse_duration), 30.0,
+            "How long a new worker may take to say ready before it is killed and replaced. "
+            "0: no limit.", metavar="DURATION"),
+    Setting("retired_nice", integer(-20, 19), 10,
+            "Nice value (-20 to 19) a retiring worker is given while it drains its connections.",
             metavar="N"),
-    Setting("retired_timeout", optional(parse_duration, zero_is_none=True), None,
+    Setting("retired_timeout", no_limit(parse_duration), None,
             "How long a retiring worker may keep its connections before they are "
-            "closed (WebSockets with code 1001). Default: no limit.", metavar="DURATION"),
+            "closed (WebSockets with code 1001). Default (or 0): no limit.", metavar="DURATION"),
     Setting("spawn_interval", parse_duration, 0.1,
             "Pause between starting two workers of a new generation, so a reload "
-            "is not a boot storm.", metavar="DURATION"),
+            "is not a boot storm. 0: no pause.", metavar="DURATION"),
     # -- limits and health
-    Setting("worker_memory", optional(parse_size, zero_is_none=True), None,
+    Setting("worker_memory", no_limit(parse_size), None,
             "RSS above which a worker is replaced (a fresh worker takes its slot, it "
-            "drains). Measured by the master. Default: no limit.", metavar="SIZE"),
-    Setting("cluster_memory", optional(parse_size, zero_is_none=True), None,
+            "drains). Measured by the master. Default (or 0): no limit.", metavar="SIZE"),
+    Setting("cluster_memory", no_limit(parse_size), None,
             "RSS of all workers together. Above 80% retiring workers are asked to exit "
             "(fewest connections, then largest, then oldest first), above 95% they are "
-            "killed; with none left the largest active worker is replaced. Default: no limit.",
-            metavar="SIZE"),
+            "killed; with none left the largest active worker is replaced. "
+            "Default (or 0): no limit.", metavar="SIZE"),
     Setting("health_retire_interval", parse_duration, 10.0,
             "At most one retirement for memory or load per this interval, so a leak "
-            "cannot start a spawn storm. Reloads are not limited.", metavar="DURATION"),
-    Setting("max_requests", parse_int, 0,
+            "cannot start a spawn storm. Reloads are not limited. 0: no rate limit.",
+            metavar="DURATION"),
+    Setting("max_requests", no_limit(integer(0)), 0,
             "Replace a worker after this many requests (a WebSocket counts as one). 0: never.",
             metavar="N"),
-    Setting("max_requests_jitter", parse_int, 0,
-            "Add up to this many requests, at random per worker, to max_requests.", metavar="N"),
-    Setting("busy_lag", parse_duration, 0.15,
+    Setting("max_requests_jitter", integer(0), 0,
+            "Add up to this many requests, at random per worker, to max_requests. 0: none.",
+            metavar="N"),
+    Setting("busy_lag", no_limit(parse_duration), 0.15,
             "Hub lag (smoothed) above which a worker is too busy: ipserve.too_busy() and "
-            'environ["ipserve.too_busy"] say so.', metavar="DURATION"),
+            'environ["ipserve.too_busy"] say so. 0: busy detection off (never too busy).',
+            metavar="DURATION"),
     Setting("shed_load", parse_bool, False,
             "Answer new plain HTTP requests with 503 and Retry-After while the worker is too "
             "busy, with probability (lag - busy_lag) / busy_lag. Open WebSockets are kept."),
-    Setting("busy_retire_after", parse_duration, 45.0,
-            "Replace a worker that stays too busy this long.", metavar="DURATION"),
-    Setting("block_report", parse_duration, 1.0,
-            "Log the stack of code that blocks the hub longer than this.", metavar="DURATION"),
-    Setting("timeout", parse_duration, 30.0,
-            "A worker silent this long (no heartbeat) gets SIGABRT (it dumps its stacks), "
-            "then SIGKILL, and is replaced.", metavar="DURATION"),
-    Setting("limit_request_line", parse_int, 4094,
-            "Longest request line accepted (longer: 414, connection closed).", metavar="BYTES"),
-    Setting("limit_request_fields", parse_int, 100,
-            "Most header fields in a request (more: 431, connection closed).", metavar="N"),
-    Setting("limit_request_field_size", parse_int, 8190,
-            "Longest header line (longer: 431, connection closed).", metavar="BYTES"),
-    Setting("header_timeout", parse_duration, 10.0,
-            "Time a client has to send a request's line and headers (slowloris guard; "
-            "408 and close).", metavar="DURATION"),
-    Setting("keepalive", parse_duration, 5.0,
-            "How long an idle keep-alive connection waits for its next request.",
+    Setting("busy_retire_after", no_limit(parse_duration), 45.0,
+            "Replace a worker that stays too busy this long. 0: never.", metavar="DURATION"),
+    Setting("block_report", no_limit(parse_duration), 1.0,
+            "Log the stack of code that blocks the hub longer than this. 0: no reports.",
             metavar="DURATION"),
-    Setting("ws_send_timeout", parse_duration, 30.0,
+    Setting("timeout", no_limit(parse_duration), 30.0,
+            "A worker silent this long (no heartbeat) gets SIGABRT (it dumps its stacks), "
+            "then SIGKILL, and is replaced. 0: no hung-worker detection.", metavar="DURATION"),
+    Setting("limit_request_line", no_limit(integer(0)), 4094,
+            "Longest request line accepted, CRLF included (longer: 414, connection closed). "
+            "0: no limit of ours; pywsgi refuses 8192 bytes and more in any case.",
+            metavar="BYTES"),
+    Setting("limit_request_fields", no_limit(integer(0)), 100,
+            "Most header fields in a request (more: 431, connection closed). 0: no limit.",
+            metavar="N"),
+    Setting("limit_request_field_size", no_limit(integer(0)), 8190,
+            "Longest header line (longer: 431, connection closed). 0: no limit.",
+            metavar="BYTES"),
+    Setting("header_timeout", no_limit(parse_duration), 10.0,
+            "Time a client has to send a request's line and headers (slowloris guard; "
+            "408 and close). 0: no limit.", metavar="DURATION"),
+    Setting("keepalive", parse_duration, 5.0,
+            "How long an idle keep-alive connection waits for its next request. "
+            "0: keep-alive off (every response closes its connection).", metavar="DURATION"),
+    Setting("ws_send_timeout", no_limit(parse_duration), 30.0,
             "A WebSocket whose peer reads nothing for this long while we send is closed, so "
-            "a stalled peer cannot pin a greenlet and its buffers.", metavar="DURATION"),
+            "a stalled peer cannot pin a greenlet and its buffers. 0: no limit.",
+            metavar="DURATION"),
     Setting("user", optional(parse_str), None,
             "When started as root, run workers as this user (name or uid). The master stays "
             "root: it writes the routing rules and never runs application code.", metavar="USER"),
     Setting("group", optional(parse_str), None,
             "Group for the workers (default: the user's primary group).", metavar="GROUP"),
-    Setting("backlog", parse_int, 2048,
-            "Listen backlog of each worker's socket.", metavar="N"),
+    Setting("backlog", integer(1, 65535), 2048,
+            "Listen backlog of each worker's socket (1 to 65535).", metavar="N"),
     Setting("log_level", choice(*LOG_LEVELS), "info",
             "Error log verbosity: " + ", ".join(LOG_LEVELS) + "."),
     Setting("access_log", optional(parse_str), None,
@@ -440,7 +481,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def render_default(s: Setting) -> str:
     if s.default is None:
-        return "(see below)"
+        return "(see above)"
     if isinstance(s.default, tuple):
         return "[" + ", ".join(f'"{v}"' for v in s.default) + "]"
     if isinstance(s.default, bool):

@@ -1,4 +1,10 @@
-"""`ipservectl`: talk to a running master over its control socket."""
+"""`ipservectl`: talk to a running master over its control socket, or clean
+up after one that is gone.
+
+Never a traceback: every failure is one line on standard error; exit status
+2 for a usage error (a bad name, an unsafe runtime directory, cleaning up a
+running master), 1 when the master refuses or cannot be reached.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,14 @@ import argparse
 import json
 import sys
 
-from ipserve import config, control, status
+from ipserve import config, control, names, orphans, runtime, status
+from ipserve.errors import USAGE_ERROR, UsageError
 
-USAGE_ERROR = 2
+TIMEOUT = 10.0
+
+
+class Failed(Exception):
+    """The command did not succeed; one line for the user, exit status 1."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,65 +28,88 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Instance name (ipserve's -n/--name). Default: ipserve-8000.")
     parser.add_argument("--runtime-dir", default=None,
                         help="Where the control socket lives (ipserve's --runtime-dir).")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT,
+                        help=f"Seconds to wait for the master's answer (default {TIMEOUT:g}).")
     sub = parser.add_subparsers(dest="command", required=True)
     st = sub.add_parser("status", help="Show the master and every worker.")
     st.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
-    sub.add_parser("stop", help="Graceful stop (like kill -TERM on the master).")
+    sub.add_parser("stop", help="Graceful stop (like kill -TERM on the master); with no master, "
+                                "stop the workers it left and remove its rules.")
     sub.add_parser("reload", help="Start a new generation of workers (like kill -HUP).")
     sub.add_parser("kill-retired", help="Close the connections of retiring workers (like kill -USR1).")
-    cl = sub.add_parser("cleanup", help="Remove this instance's firewall rules and stale files "
-                                        "(when no master is running).")
+    cl = sub.add_parser("cleanup", help="With no master running: stop the workers it left, remove "
+                                        "its firewall rules (every backend) and stale files.")
     cl.add_argument("-b", "--bind", action="append", default=None,
-                    help="Bind address(es) the instance used, for its IPv6 rules (default 0.0.0.0:8000).")
+                    help="Bind address(es) the instance used, if its state file is gone "
+                         "(default 0.0.0.0:8000 and [::]:8000).")
     return parser
 
 
-def cleanup(name: str, runtime_dir: str, binds: list[str] | None) -> int:
-    import os
-
-    from ipserve import routing
-
-    path = control.socket_path(runtime_dir, name)
+def ask(path: str, name: str, command: str, timeout: float) -> dict:
     try:
-        reply = control.request(path, {"cmd": "status"}, timeout=3.0)
-        print(f"ipservectl: error: {name} is running (master pid {reply['master']['pid']}); "
-              f"stop it instead", file=sys.stderr)
-        return USAGE_ERROR
-    except control.ControlUnavailable:
-        pass
-    bind_list = config.parse_binds(binds or ["0.0.0.0:8000", "[::]:8000"])
-    removed = []
-    for kind in routing.AUTO_ORDER:
-        router = routing.backend_class(kind)(name, bind_list)
-        try:
-            router.check()
-            router.remove()
-            removed.append(kind)
-        except (routing.RouterUnavailable, routing.RouteError) as exc:
-            print(f"ipservectl: {kind}: {exc}", file=sys.stderr)
-    for stale in (path, os.path.join(runtime_dir, name + ".pid")):
-        if os.path.exists(stale):
-            os.unlink(stale)
-    print(f"ipservectl: removed the rules of {name} ({', '.join(removed) or 'no backend available'})")
-    return 0 if removed else 1
+        reply, _ = control.request(path, {"cmd": command}, timeout=timeout)
+    except TimeoutError:
+        raise Failed(f"{name}: the master did not answer within {timeout:g}s (hung, or too busy)") from None
+    if reply.get("ok") is False:
+        raise Failed(f"{name}: {reply.get('error') or 'refused'}")
+    return reply
 
 
-def main(argv: list[str] | None = None) -> None:
+def clean_up(runtime_dir: str, name: str, binds: list[str] | None, all_backends: bool) -> str:
+    runtime.secure_dir(runtime_dir, create=False)   # nothing is removed from a directory others control
+    done = orphans.clean(runtime_dir, name, binds, all_backends)
+    parts = [f"stopped {len(done.workers_stopped)} orphaned worker(s) (SIGTERM: they finish what "
+             f"they hold)" if done.workers_stopped else "no orphaned worker",
+             f"removed the rules ({', '.join(done.rules_removed)})" if done.rules_removed
+             else "no rules removed"]
+    for error in done.rule_errors:
+        print(f"ipservectl: {error}", file=sys.stderr)
+    return f"{name}: " + "; ".join(parts)
+
+
+def run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    runtime_dir = args.runtime_dir or config.default_runtime_dir()
-    if args.command == "cleanup":
-        sys.exit(cleanup(args.name, runtime_dir, args.bind))
-    path = control.socket_path(runtime_dir, args.name)
     try:
-        reply = control.request(path, {"cmd": args.command})
+        name = names.validate(args.name)
+    except ValueError as exc:
+        raise UsageError(f"-n {args.name!r}: {exc}") from None
+    runtime_dir = args.runtime_dir or config.default_runtime_dir()
+    path = control.socket_path(runtime_dir, name)
+    if args.command == "cleanup":
+        pid = orphans.master_answers(runtime_dir, name)
+        if pid is not None:
+            raise UsageError(f"{name} is running (master pid {pid}); stop it instead")
+        print(clean_up(runtime_dir, name, args.bind, all_backends=True))
+        return 0
+    try:
+        reply = ask(path, name, args.command, args.timeout)
     except control.ControlUnavailable as exc:
-        print(f"ipservectl: error: {args.name}: {exc}", file=sys.stderr)
-        sys.exit(1)
+        if args.command != "stop":
+            raise Failed(f"{name}: {exc}") from None
+        print(clean_up(runtime_dir, name, None, all_backends=False) + " (no master was running)")
+        return 0
     if args.command == "status":
         print(json.dumps(reply, indent=2) if args.json else status.render_table(reply))
     else:
-        print(reply.get("message") or reply.get("error") or json.dumps(reply))
-        sys.exit(0 if reply.get("ok") else 1)
+        print(reply.get("message") or json.dumps(reply))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except UsageError as exc:
+        print(f"ipservectl: error: {exc}", file=sys.stderr)
+        code = USAGE_ERROR
+    except (Failed, control.ControlUnavailable) as exc:
+        print(f"ipservectl: error: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as exc:   # noqa: BLE001 - one line, never a traceback
+        print(f"ipservectl: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
 
 
 if __name__ == "__main__":

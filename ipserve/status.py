@@ -25,11 +25,22 @@ def render_table(status: dict) -> str:
         lines.append(f"routing error (previous routes kept): {status['route_error']}")
     reload = status.get("reload")
     if reload:
-        outcome = {"done": f"done in {reload.get('seconds')}s", "in progress": "in progress",
-                   "failed": f"FAILED: {reload.get('error')}"}.get(reload["state"], reload["state"])
-        lines.append(f"last reload: generation {reload.get('generation')} {outcome}")
+        outcome = {"done": f"done in {reload.get('seconds')}s", "in progress":
+                   f"in progress ({reload.get('booted')}/{reload.get('targets')} ready)",
+                   "failed": f"FAILED, every slot kept its worker: {reload.get('error')}"
+                   }.get(reload["state"], reload["state"])
+        lines.append(f"last {reload.get('reason') or 'reload'}: generation {reload.get('generation')} "
+                     f"{outcome}")
+    for slot in status.get("slot_table", []):
+        if slot.get("waiting_s") is not None:
+            lines.append(f"slot {slot['slot']}: no active worker for {slot['waiting_s']}s"
+                         + (" (resetting its connections)" if slot.get("refusing") else
+                            " (its clients wait in its queue)"))
     for sock in status.get("routing", {}).get("sockets", []):
-        lines.append(f"slot {sock['slot']} socket: fd {sock['fd']} {sock['address']}")
+        if "reserved" in sock:
+            lines.append(f"reserved {sock['reserved']}")
+        else:
+            lines.append(f"slot {sock['slot']} socket: fd {sock['fd']} {sock['address']}")
     rows = [COLUMNS]
     for w in status["workers"]:
         rows.append((str(w["pid"]), str(w["slot"]), str(w["generation"]), str(w["port"] or "-"),

@@ -1,86 +1,121 @@
-"""Bring a master up: routing backend, runtime files, logs; then run its loop."""
+"""Bring a master up, in an order where every refusal comes before any change:
+
+1. check what can be checked alone: capacity, routing backend, runtime
+   directory, log files (UsageError: exit 2, nothing touched);
+2. take the name's lock, taking over from a running master if need be;
+3. reserve the public addresses (or take the previous master's), write the
+   pid file, read what the previous master recorded;
+4. run the loop; at exit remove what is ours, unless handed over.
+"""
 
 from __future__ import annotations
 
 import os
+import resource
 import sys
-import time
 
-from ipserve import cli, control, logs, routing, users
+from ipserve import control, logs, routing, runtime, users
 from ipserve.config import Config
-from ipserve.master.supervisor import Master
-from ipserve.master.takeover import take_over
+from ipserve.errors import UsageError
+from ipserve.master import adoption, capacity, state, takeover
+from ipserve.master.loop import Master
+from ipserve.master.sockets import for_router
+from ipserve.master.spawner import Spawner
+from ipserve.messages import BadMessage
 
-# Orphaned workers retry the control socket every 0.5 s; give them three tries
-# to be adopted before a new generation is started beside them.
-ADOPTION_WINDOW = 1.5
+
+def raise_open_files_limit() -> None:
+    """The master holds a pidfd, a control connection and listeners per worker."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def prepare_runtime_dir(cfg: Config) -> None:
-    path = cfg.runtime_dir
-    try:
-        os.makedirs(path, mode=0o755, exist_ok=True)
-    except OSError as exc:
-        cli.fail(f"runtime_dir {path!r} cannot be created: {exc.strerror}")
-    if not os.access(path, os.W_OK):
-        cli.fail(f"runtime_dir {path!r} is not writable by uid {os.geteuid()}")
-    if cfg.user is not None:
-        # Workers dropped to `user` must reach the control socket in it.
-        uid, gid = users.ids(cfg.user, cfg.group)
-        st = os.stat(path)
+def prepare_runtime_dir(cfg: Config, worker_ids: tuple[int, int] | None) -> str:
+    """The runtime directory, created if missing and refused if anyone but
+    us could change it. Workers running as another user must be able to
+    traverse it to reach the control socket."""
+    real = runtime.secure_dir(cfg.runtime_dir, mode=0o711 if worker_ids else 0o700)
+    if worker_ids is not None:
+        st = os.stat(real)
+        uid, gid = worker_ids
         if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)
                 or (st.st_gid == gid and st.st_mode & 0o010)):
-            cli.fail(f"runtime_dir {path!r} (mode {st.st_mode & 0o777:o}) cannot be entered by "
-                     f"user {cfg.user!r}; make it searchable (chmod o+x) or choose another")
+            raise UsageError(f"runtime_dir {real!r} (mode {st.st_mode & 0o777:o}) cannot be entered "
+                             f"by user {cfg.user!r}; make it searchable (chmod o+x) or choose another")
+    return real
 
 
-def serve(cfg: Config) -> int:
-    socket_path = control.socket_path(cfg.runtime_dir, cfg.name)
+def read_recorded(path: str, log) -> state.Recorded | None:
     try:
+        data = runtime.read_private_json(path)
+        return None if data is None else state.parse(data)
+    except (UsageError, BadMessage) as exc:
+        log.error("ignoring the state file %s: %s (workers it named are not adopted)", path, exc)
+        return None
+
+
+def serve(cfg: Config, worker_rss: int | None) -> int:
+    raise_open_files_limit()
+    why = capacity.problem(cfg.workers, len({b.family for b in cfg.bind}), worker_rss,
+                           capacity.Facts.read())
+    if why:
+        raise UsageError(why)
+    worker_ids = users.ids(cfg.user, cfg.group) if cfg.user is not None else None
+    rt = prepare_runtime_dir(cfg, worker_ids)
+    socket_path = control.socket_path(rt, cfg.name)
+    state_path = os.path.join(rt, cfg.name + ".state")
+    log = logs.setup_error_log(cfg.error_log, cfg.log_level, owner=worker_ids)
+    logs.prepare_log_file(cfg.access_log, worker_ids)
+    try:
+        # A previous master's workers may hold the reuseport group: then the
+        # port is expectedly in use, and is taken back from them.
         router, why = routing.choose(cfg.router, cfg.name, cfg.bind, slots=cfg.workers,
-                                     adopting=os.path.exists(socket_path))
+                                     adopting=os.path.exists(state_path))
     except routing.RouterUnavailable as exc:
-        cli.fail(str(exc))
-    prepare_runtime_dir(cfg)
-    log = logs.setup_error_log(cfg.error_log, cfg.log_level)
-    if cfg.user is not None:
-        # Workers append to the same log files after dropping to `user`.
-        uid, gid = users.ids(cfg.user, cfg.group)
-        for path in (cfg.error_log, cfg.access_log):
-            if path not in (None, "-"):
-                open(path, "a").close()
-                os.chown(path, uid, gid)
-    log.info("ipserve %s: %s", __import__("ipserve").__version__, why)
-    if router.describe().get("note"):
-        log.info("router %s: %s", router.name, router.describe()["note"])
+        raise UsageError(str(exc)) from None
+
+    lock = runtime.InstanceLock(os.path.join(rt, cfg.name + ".lock"))
+    previous = takeover.acquire(lock, runtime.InstanceLock(os.path.join(rt, cfg.name + ".takeover")),
+                                socket_path, cfg.name, log)
     try:
-        import setproctitle
-        setproctitle.setproctitle(f"ipserve: master [{cfg.name}]")
-    except ImportError:
-        pass
-    # A master of this name that runs, hangs or died leaves workers that may
-    # still serve: the old rules stay until the first write replaces them, and
-    # the workers reconnect to us to be adopted.
-    previous = take_over(socket_path, cfg.pid, cfg.name, log)
-    if previous is None or not router.needs_handover:
+        recorded = read_recorded(state_path, log)
+        log.info("ipserve %s: %s", __import__("ipserve").__version__, why)
+        if router.describe().get("note"):
+            log.info("router %s: %s", router.name, router.describe()["note"])
+        if cfg.user is None and os.geteuid() == 0:
+            log.warning("workers run as root (without capabilities): set user = \"...\" so that "
+                        "application code cannot command the master")
+        sockets = for_router(router, cfg.bind, cfg.backlog)
+        master = Master(cfg, router, sockets, Spawner(cfg.user, cfg.group), log,
+                        state_path=state_path, control_owner=worker_ids,
+                        write_state=runtime.write_private_json)
+        adopting = recorded is not None and adoption.adopt(master, recorded)
         try:
-            router.prepare(cfg.workers, cfg.backlog)
-        except routing.RouterUnavailable as exc:
-            cli.fail(str(exc))
-    with open(cfg.pid, "w") as fh:
-        fh.write(f"{os.getpid()}\n")
-    master = Master(cfg, router, log)
-    if previous is not None:
-        master.adopting_until = time.monotonic() + ADOPTION_WINDOW
-    try:
-        return master.run()
-    finally:
-        master.close()
+            if not (adopting and sockets.shared):   # else the group comes back from the workers
+                sockets.prepare(cfg.workers, previous.reserved)
+        except (UsageError, routing.RouterUnavailable) as exc:
+            if not adopting:
+                master.close()
+                raise UsageError(str(exc)) from None
+            log.error("%s; serving without reserving the public address", exc)
         try:
-            with open(cfg.pid) as fh:
-                if fh.read().strip() == str(os.getpid()):
-                    os.unlink(cfg.pid)
-        except OSError:
+            import setproctitle
+            setproctitle.setproctitle(f"ipserve: master [{cfg.name}]")
+        except ImportError:
             pass
-        log.info("master pid %d exits", os.getpid())
-        sys.stderr.flush()
+        runtime.write_pid_file(cfg.pid, os.getpid())
+        runtime.remove_quietly(socket_path)   # a dead master's; we hold the lock
+        try:
+            return master.run()
+        finally:
+            master.close()
+            if not master.handed_over:
+                runtime.remove_quietly(state_path)
+                runtime.remove_quietly(socket_path)
+            runtime.remove_pid_file(cfg.pid, os.getpid())
+            log.info("master pid %d exits%s", os.getpid(),
+                     " (handed over)" if master.handed_over else "")
+            sys.stderr.flush()
+    finally:
+        lock.release()

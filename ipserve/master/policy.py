@@ -1,59 +1,35 @@
-"""Pure decisions of the master: no processes, sockets or rules in here."""
+"""Pure decisions of the master: no processes, sockets or rules in here.
+
+Functions take workers (anything with the WorkerRecord attributes they read)
+and return what should happen; master.loop carries it out.
+"""
 
 from __future__ import annotations
 
-from typing import Iterable
+import os
+from typing import Iterable, Sequence
 
-from ipserve.routing.slots import route_table
+from ipserve.master.registry import WorkerState
 
-
-def routable_ports(workers: Iterable, slots: int) -> dict[int, int]:
-    """slot -> port of the worker that should receive the slot's new connections:
-    the newest-generation active worker of each slot."""
-    best: dict[int, object] = {}
-    for w in workers:
-        if w.state != "active" or w.port is None or w.slot >= slots:
-            continue
-        if w.slot not in best or newest_key(w) > newest_key(best[w.slot]):
-            best[w.slot] = w
-    return {slot: w.port for slot, w in best.items()}
+DIED_YOUNG = 5.0     # a worker that ends sooner than this after it was activated died young
 
 
-def desired_routes(workers: Iterable, slots: int) -> dict[int, int]:
-    return route_table(slots, routable_ports(workers, slots))
-
-
-def slots_to_spawn(workers: Iterable, slots: int) -> list[int]:
-    """Slots that no booting or active worker (of any generation) holds."""
-    held = {w.slot for w in workers if w.state in ("booting", "active")}
-    return [slot for slot in range(slots) if slot not in held]
-
-
-def respawn_delay(quick_failures: int) -> float:
-    """Back off a slot whose workers keep dying young: 0, 1, 2, 4 ... 30 s."""
-    if quick_failures <= 0:
+def backoff_delay(failures: int, base: float = 1.0, cap: float = 30.0) -> float:
+    """0 after no failure, then base, 2*base, 4*base ... up to cap."""
+    if failures <= 0:
         return 0.0
-    return float(min(30, 2 ** (quick_failures - 1)))
+    return float(min(cap, base * 2 ** min(failures - 1, 32)))
 
 
-def superseded(workers: Iterable, slots: int) -> list:
-    """Active workers that no longer receive new connections: a newer active
-    worker holds their slot, or their slot is beyond the current slot count."""
-    workers = list(workers)
-    newest: dict[int, tuple] = {}
-    for w in workers:
-        if w.state == "active":
-            newest[w.slot] = max(newest.get(w.slot, (-1,)), newest_key(w))
-    return [w for w in workers if w.state == "active"
-            and (w.slot >= slots or newest_key(w) < newest[w.slot])]
+def max_booting(cpu_count: int | None = None) -> int:
+    """Workers allowed to boot at once: importing an app is CPU-bound, so more
+    than the cores only makes every boot slower and the machine unresponsive."""
+    return max(2, cpu_count or os.cpu_count() or 1)
 
 
-def overdue_retirees(workers: Iterable, now: float, retired_timeout: float | None) -> list:
-    """Retiring workers whose drain has lasted longer than `retired_timeout`."""
-    if retired_timeout is None:
-        return []
-    return [w for w in workers if w.state == "retiring" and w.retired_at is not None
-            and now - w.retired_at >= retired_timeout]
+def died_young(w, now: float) -> bool:
+    """Ended before it was ever activated, or soon after."""
+    return w.activated_at is None or now - w.activated_at < DIED_YOUNG
 
 
 def next_generation(current: int, workers: Iterable) -> int:
@@ -61,11 +37,69 @@ def next_generation(current: int, workers: Iterable) -> int:
     return max([current] + [w.generation for w in workers]) + 1
 
 
-# ---------------------------------------------------------------- health
-
 def newest_key(w) -> tuple:
     """Order of succession within a slot: generation, then spawn order."""
-    return (w.generation, getattr(w, "serial", 0))
+    return (w.generation, w.serial)
+
+
+# ---------------------------------------------------------------- routing
+
+def settle(holders: Sequence, slot_ports: Sequence[int | None], installed: dict[int, int] | None,
+           workers: Iterable) -> tuple[list, list]:
+    """Once the kernel routes a slot to its holder's sockets: activate the
+    holder if it waits READY, retire every other ACTIVE worker of the slot.
+    Workers of slots beyond the current count retire once the kernel routes
+    exactly the current count. Returns (to_activate, to_retire)."""
+    activate, retire = [], []
+    if installed is None:
+        return activate, retire
+    n = len(slot_ports)
+    routed = {i for i in range(n) if slot_ports[i] is not None and installed.get(i) == slot_ports[i]}
+    for i in routed:
+        h = holders[i]
+        if h is not None and h.state is WorkerState.READY:
+            activate.append(h)
+    for w in workers:
+        if w.state is not WorkerState.ACTIVE:
+            continue
+        if w.slot < n and w.slot in routed and w is not holders[w.slot]:
+            retire.append(w)
+        elif w.slot >= n and len(installed) == n:
+            retire.append(w)
+    return activate, retire
+
+
+def strays(workers: Iterable, expected: set[int]) -> list:
+    """Workers still booting or ready that no slot and no reload expects any
+    more (a respawn overtaken by a generation switch): kill them."""
+    return [w for w in workers if w.state in (WorkerState.BOOTING, WorkerState.READY)
+            and w.pid not in expected]
+
+
+# ---------------------------------------------------------------- health
+
+def overdue_boots(workers: Iterable, now: float, boot_timeout: float) -> list:
+    """Workers not ready within boot_timeout (0: no limit)."""
+    if not boot_timeout:
+        return []
+    return [w for w in workers if w.state is WorkerState.BOOTING and now - w.spawned_at > boot_timeout]
+
+
+def hung(workers: Iterable, now: float, timeout: float) -> list:
+    """Workers that should heartbeat and have been silent past `timeout` (0: never)."""
+    if not timeout:
+        return []
+    return [w for w in workers if w.state in (WorkerState.READY, WorkerState.ACTIVE,
+                                              WorkerState.RETIRING)
+            and now - w.last_seen > timeout]
+
+
+def overdue_retirees(workers: Iterable, now: float, retired_timeout: float | None) -> list:
+    """Retiring workers whose drain has lasted longer than `retired_timeout`."""
+    if not retired_timeout:
+        return []
+    return [w for w in workers if w.state is WorkerState.RETIRING and w.retired_at is not None
+            and now - w.retired_at >= retired_timeout]
 
 
 def health_replacements(workers: Iterable, now: float, *, worker_memory: int | None,
@@ -76,13 +110,13 @@ def health_replacements(workers: Iterable, now: float, *, worker_memory: int | N
     ones are not (their jitter already spreads them out)."""
     out = []
     for w in workers:
-        if w.state != "active" or w.replacing:
+        if w.state is not WorkerState.ACTIVE or w.replacing:
             continue
         if worker_memory and w.rss > worker_memory:
             out.append((w, f"RSS {w.rss >> 20} MiB above worker_memory {worker_memory >> 20} MiB", True))
         elif max_requests and w.max_requests and w.requests >= w.max_requests:
             out.append((w, f"served {w.requests} requests (max_requests)", False))
-        elif w.busy_since is not None and now - w.busy_since >= busy_retire_after:
+        elif busy_retire_after and w.busy_since is not None and now - w.busy_since >= busy_retire_after:
             out.append((w, f"too busy for {now - w.busy_since:.0f}s", True))
     return out
 
@@ -98,7 +132,7 @@ def cluster_memory_actions(workers: Iterable, limit: int | None) -> list[tuple[s
     total = sum(w.rss for w in workers)
     if not limit or total <= 0.8 * limit:
         return []
-    retiring = sorted((w for w in workers if w.state == "retiring"),
+    retiring = sorted((w for w in workers if w.state is WorkerState.RETIRING),
                       key=lambda w: (w.connections, -w.rss, w.spawned_at))
     action = "kill" if total > 0.95 * limit else "close"
     out: list[tuple[str, object]] = []
@@ -108,12 +142,7 @@ def cluster_memory_actions(workers: Iterable, limit: int | None) -> list[tuple[s
             break
         out.append((action, w))
         projected -= w.rss
-    active = [w for w in workers if w.state == "active" and not w.replacing]
+    active = [w for w in workers if w.state is WorkerState.ACTIVE and not w.replacing]
     if not retiring and total > limit and active:
         out.append(("replace", max(active, key=lambda w: w.rss)))
     return out
-
-
-def hung(workers: Iterable, now: float, timeout: float) -> list:
-    """Connected workers whose last heartbeat is older than `timeout`."""
-    return [w for w in workers if w.state in ("active", "retiring") and now - w.last_seen > timeout]

@@ -36,7 +36,8 @@ class HubLagMeter:
             self.peak_ms = max(self.peak_ms, lag_ms)
 
     def too_busy(self) -> bool:
-        return self.smoothed_ms > self.busy_lag_ms
+        # busy_lag = 0 turns busy detection off.
+        return self.busy_lag_ms > 0 and self.smoothed_ms > self.busy_lag_ms
 
     def shed_probability(self) -> float:
         """0 at busy_lag, 1 at twice busy_lag: shedding grows with the lag

@@ -25,8 +25,10 @@ import gevent  # noqa: E402
 import ipserve  # noqa: E402
 
 from ipserve import app as app_loader  # noqa: E402
+from ipserve.app import CHECK_REPORT  # noqa: E402
 from ipserve import logs  # noqa: E402
-from ipserve.control import LineReader, encode  # noqa: E402
+from ipserve.control import FramingError, LineReader, encode, peer_of  # noqa: E402
+from ipserve.messages import BadMessage, Phase, ToWorker, parse_order  # noqa: E402
 from ipserve.worker.lag import HubLagMeter  # noqa: E402
 from ipserve.worker.server import Limits, Server  # noqa: E402
 
@@ -34,12 +36,22 @@ from ipserve.worker.server import Limits, Server  # noqa: E402
 RETIRE_ACCEPT_GRACE = 1.0
 
 
+
 def check_app(spec: str, chdir: str | None) -> int:
+    """Import APP as a worker would (same user, no capabilities, same
+    directory), then report the RSS it took: the master sizes the machine by it."""
     try:
+        if chdir:
+            os.chdir(chdir)
         app_loader.load(spec, chdir)
     except app_loader.AppError as exc:
         print(f"ipserve: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"ipserve: error: chdir {chdir!r}: {exc.strerror}", file=sys.stderr)
+        return 2
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(CHECK_REPORT + json.dumps({"rss": rss}), flush=True)
     return 0
 
 
@@ -67,8 +79,8 @@ class Worker:
         self.access_log = logs.setup_access_log(spec["access_log"])
         self.servers: list[Server] = []
         self.port = 0
-        self.state = "booting"
-        self.lag = HubLagMeter(busy_lag_ms=spec["busy_lag"] * 1000.0)
+        self.phase = Phase.READY      # until the app is loaded, we do not even connect
+        self.lag = HubLagMeter(busy_lag_ms=(spec["busy_lag"] or 0.0) * 1000.0)
         ipserve._lag_meter = self.lag
         self.link = None          # socket to the master, when connected
         self.started = time.time()
@@ -80,52 +92,54 @@ class Worker:
         block_report (its "Blocked Stack" names the code), both in the error log."""
         stream = self.log.handlers[0].stream
         faulthandler.enable(file=stream, all_threads=True)  # SIGABRT, SIGSEGV, ...: dump, then die
-        gevent.config.monitor_thread = True
-        gevent.config.max_blocking_time = self.spec["block_report"]
-        hub = gevent.get_hub()
-        hub.exception_stream = stream
-        hub.start_periodic_monitoring_thread()
+        if self.spec["block_report"]:
+            gevent.config.monitor_thread = True
+            gevent.config.max_blocking_time = self.spec["block_report"]
+            hub = gevent.get_hub()
+            hub.exception_stream = stream
+            hub.start_periodic_monitoring_thread()
 
     def run(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # one process holds thousands of long-lived connections
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.diagnostics()
+        if self.spec.get("chdir"):
+            os.chdir(self.spec["chdir"])
         application = app_loader.load(self.spec["app"], self.spec.get("chdir"))
         # The master opened our listening sockets and keeps a copy: if we die,
         # connections wait in the backlog for our replacement instead of
-        # being refused.
+        # being refused. We accept on them only once the master says we hold
+        # our slot (ACTIVATE): a generation that fails to boot whole never
+        # takes a connection.
         listeners = [socket.socket(fileno=fd) for fd in self.spec["listen_fds"]]
         self.port = listeners[0].getsockname()[1]
         worker_info = {"slot": self.slot, "generation": self.generation, "pid": os.getpid(),
                        "name": self.name}
         for listener in listeners:
-            server = Server(listener, application, log=self.access_log or None,
-                            error_log=self.log, environ={"ipserve.worker": worker_info},
-                            limits=Limits(self.spec), lag=self.lag)
-            server.start()
-            self.servers.append(server)
-        self._set_title()
+            self.servers.append(Server(listener, application, log=self.access_log or None,
+                                       error_log=self.log, environ={"ipserve.worker": worker_info},
+                                       limits=Limits(self.spec), lag=self.lag))
+        self._set_title("ready")
         self.lag.start()
-        self.state = "active"
-        gevent.signal_handler(signal.SIGTERM, self.stop, self.spec["graceful_timeout"])
+        gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(self.stop, self.spec["graceful_timeout"]))
         gevent.signal_handler(signal.SIGQUIT, self.quit)
         gevent.signal_handler(signal.SIGINT, lambda: None)  # the master decides
-        self.log.info("worker slot %d gen %d listening on port %d", self.slot, self.generation, self.port)
+        self.log.info("worker slot %d gen %d ready on port %d", self.slot, self.generation, self.port)
         self.link_loop()
 
-    def _set_title(self) -> None:
+    def _set_title(self, what: str) -> None:
         try:
             import setproctitle
             setproctitle.setproctitle(
-                f"ipserve: worker [{self.name}] slot {self.slot} gen {self.generation} :{self.port}")
+                f"ipserve: worker [{self.name}] slot {self.slot} gen {self.generation} :{self.port} {what}")
         except ImportError:
             pass
 
     def handback_fds(self) -> list[int]:
-        """Our listening sockets, which a new master takes back on takeover
-        (sent with every hello; only an adopting master keeps them)."""
-        if self.state != "active":
+        """Our listening sockets, which a master taking over keeps if their
+        inodes are the ones the previous master recorded."""
+        if self.phase not in (Phase.READY, Phase.ACTIVE):
             return []   # a retiring worker has closed its listeners
         return [server.socket.fileno() for server in self.servers]
 
@@ -137,9 +151,8 @@ class Worker:
         return sum(s.requests for s in self.servers)
 
     def hello(self) -> dict:
-        return {"type": "ready", "pid": os.getpid(), "slot": self.slot,
-                "generation": self.generation, "port": self.port, "name": self.name,
-                "state": self.state, "started": self.started,
+        return {"type": "hello", "pid": os.getpid(), "slot": self.slot,
+                "generation": self.generation, "name": self.name, "phase": self.phase.value,
                 "connections": self.connections(), "requests": self.requests()}
 
     def heartbeat(self) -> dict:
@@ -147,32 +160,46 @@ class Worker:
                 "requests": self.requests(), "lag_ms": round(self.lag.take_peak(), 2),
                 "too_busy": self.lag.too_busy(), "shed": sum(s.shed for s in self.servers),
                 "websockets": sum(len(s.websockets) for s in self.servers),
-                "state": self.state}
+                "phase": self.phase.value}
 
     # -------------------------------------------------------------- master link
     def link_loop(self) -> None:
         """Stay connected to whichever master owns the control socket.
 
         The worker serves whether or not a master is there; when the link
-        breaks it reconnects every half second and says who it is again.
+        breaks it reconnects every half second and says who it is again. It
+        obeys only a peer running as the master's uid (or root): whoever
+        could bind that path otherwise must not be able to retire us.
         """
         path = self.spec["control"]
+        trusted = {self.spec["master_uid"], 0}
+        warned = False
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.connect(path)
-                if self.handback_fds():
-                    socket.send_fds(sock, [encode(self.hello())], self.handback_fds())
+                peer = peer_of(sock)
+                if peer.uid not in trusted:
+                    if not warned:
+                        self.log.warning("control socket %s is held by uid %d (pid %d), not the "
+                                         "master's uid %d: not obeying it", path, peer.uid, peer.pid,
+                                         self.spec["master_uid"])
+                        warned = True
+                    raise ConnectionRefusedError()
+                fds = self.handback_fds()
+                if fds:
+                    socket.send_fds(sock, [encode(self.hello())], fds)
                 else:
                     sock.sendall(encode(self.hello()))
             except OSError:
                 sock.close()
                 gevent.sleep(0.5)
                 continue
+            warned = False
             self.link = sock
             beats = gevent.spawn(self._beat, sock)
             try:
-                self._read_commands(sock)
+                self._read_orders(sock)
             finally:
                 beats.kill()
                 self.link = None
@@ -188,7 +215,7 @@ class Worker:
             except OSError:
                 return
 
-    def _read_commands(self, sock: socket.socket) -> None:
+    def _read_orders(self, sock: socket.socket) -> None:
         reader = LineReader()
         while True:
             try:
@@ -197,45 +224,70 @@ class Worker:
                 return
             if not data:
                 return
-            for message in reader.feed(data):
-                self.command(message)
+            try:
+                received = reader.feed(data)
+            except FramingError as exc:
+                self.log.warning("unreadable data from the master (%s); reconnecting", exc)
+                return
+            for message in received:
+                try:
+                    self.obey(parse_order(message))
+                except BadMessage as exc:
+                    self.log.warning("ignoring a bad order from the master: %s", exc)
 
-    def command(self, message: dict) -> None:
-        kind = message.get("type")
-        if kind == "stop":
-            gevent.spawn(self.stop, float(message.get("timeout", self.spec["graceful_timeout"])))
-        elif kind == "quit":
-            self.quit()
-        elif kind == "retire":
+    def obey(self, order) -> None:
+        kind = order.kind
+        if kind is ToWorker.ACTIVATE:
+            self.activate()
+        elif kind is ToWorker.RETIRE:
             self.retire()
-        elif kind == "close":
+        elif kind is ToWorker.CLOSE:
             gevent.spawn(self.close_all)
-        elif kind == "reopen":
+        elif kind is ToWorker.REOPEN:
             self.log = logs.setup_error_log(self.spec["error_log"], self.spec["log_level"])
             self.access_log = logs.setup_access_log(self.spec["access_log"])
-        else:
-            self.log.warning("unknown command from master: %r", message)
+        elif kind is ToWorker.REFUSED:
+            # The master does not know us (it lost its predecessor's record of
+            # us): nothing will ever be routed to us again.
+            self.log.warning("the master does not know this worker; %s",
+                             "exiting" if self.phase is Phase.READY else "draining and exiting")
+            if self.phase is Phase.READY:
+                self.quit()
+            self.retire()
+
+    # -------------------------------------------------------------- serving
+    def activate(self) -> None:
+        """We hold our slot: start accepting."""
+        if self.phase is not Phase.READY:
+            return
+        for server in self.servers:
+            server.start()
+        self.phase = Phase.ACTIVE
+        self._set_title("active")
+        self.log.info("worker slot %d gen %d accepting on port %d", self.slot, self.generation, self.port)
 
     # -------------------------------------------------------------- ending
     def retire(self) -> None:
         """New connections of our slot now go to a newer worker: stop accepting
         once the few already on their way have landed, serve what we hold,
         exit when the last connection closes."""
-        if self.state != "active":
+        if self.phase not in (Phase.READY, Phase.ACTIVE):
             return
-        self.state = "retiring"
+        was_active = self.phase is Phase.ACTIVE
+        self.phase = Phase.RETIRING
+        self._set_title("retiring")
         for server in self.servers:
             server.retiring = True
         self.log.info("retiring: holding %d connection(s)", self.connections())
-        gevent.spawn(self._drain)
+        gevent.spawn(self._drain, was_active)
 
-    def _drain(self) -> None:
+    def _drain(self, was_active: bool) -> None:
         # Connections the kernel routed to us just before the switch may still
         # sit in the accept queue; take them before closing the listener.
         # With reuseport the queue is the slot's shared socket, which the
         # master and our successor hold too: stop accepting at once, or we
         # would keep taking the slot's new connections for the grace period.
-        if not self.spec.get("shared_listeners"):
+        if was_active and not self.spec.get("shared_listeners"):
             gevent.sleep(RETIRE_ACCEPT_GRACE)
         for server in self.servers:
             server.close()
@@ -244,30 +296,39 @@ class Worker:
         self.log.info("retired: last connection closed after %d request(s)", self.requests())
         self.quit()
 
-    def close_all(self) -> None:
-        """End every connection now (kill-retired, retired_timeout)."""
-        self.log.info("closing %d connection(s) (%d WebSocket(s), code 1001)",
-                      self.connections(), sum(len(s.websockets) for s in self.servers))
+    def close_websockets(self) -> int:
+        closed = 0
         for server in self.servers:
             for ws in list(server.websockets):
                 try:
                     close_websocket(ws, 1001, b"server going away")
+                    closed += 1
                 except Exception:  # the peer may be gone already
                     pass
+        return closed
+
+    def close_all(self) -> None:
+        """End every connection now (kill-retired, retired_timeout)."""
+        self.log.info("closing %d connection(s) (%d WebSocket(s), code 1001)",
+                      self.connections(), sum(len(s.websockets) for s in self.servers))
+        self.close_websockets()
         gevent.sleep(0.2)  # let the close frames go out
         self.quit()
 
     def stop(self, timeout: float) -> None:
-        """Stop accepting, let held connections finish for up to `timeout`, exit."""
-        if self.state == "stopping":
+        """Stop accepting, let held connections finish for up to `timeout`; then
+        WebSockets still open get a 1001 close frame rather than a cut connection."""
+        if self.phase is Phase.STOPPING:
             return
-        self.state = "stopping"
-        self.log.info("stopping: %d connection(s) may finish within %.0fs", self.connections(), timeout)
+        self.phase = Phase.STOPPING
+        self.log.info("stopping: %d connection(s) may finish within %gs", self.connections(), timeout)
         for server in self.servers:
             server.close()
         deadline = time.monotonic() + timeout
         while self.connections() and time.monotonic() < deadline:
             gevent.sleep(0.1)
+        if self.close_websockets():
+            gevent.sleep(0.2)  # let the close frames go out
         self.quit()
 
     def quit(self) -> None:
@@ -281,7 +342,8 @@ class Worker:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(2.0)
                 sock.connect(self.spec["control"])
-                sock.sendall(encode({"type": "boot-failed", "pid": os.getpid(), "error": error}))
+                if peer_of(sock).uid in (self.spec["master_uid"], 0):
+                    sock.sendall(encode({"type": "boot-failed", "error": error[:2000]}))
         except OSError:
             pass
 

@@ -3,6 +3,7 @@ with the limits a server facing hostile clients needs."""
 
 from __future__ import annotations
 
+import email.parser
 import io
 import random
 import re
@@ -45,15 +46,18 @@ _VALUE_CONTROL = re.compile(rb"[\x00\r\n]")
 
 
 class Limits:
-    """The per-request limits, from the settings (see ipserve.config)."""
+    """The per-request limits, from the settings (see ipserve.config).
+
+    None (or 0) is no limit, except keepalive, where 0 is keep-alive off.
+    """
 
     def __init__(self, settings: dict):
-        self.request_line = settings["limit_request_line"]
-        self.fields = settings["limit_request_fields"]
-        self.field_size = settings["limit_request_field_size"]
-        self.header_timeout = settings["header_timeout"]
+        self.request_line = settings["limit_request_line"] or None
+        self.fields = settings["limit_request_fields"] or None
+        self.field_size = settings["limit_request_field_size"] or None
+        self.header_timeout = settings["header_timeout"] or None
         self.keepalive = settings["keepalive"]
-        self.ws_send_timeout = settings["ws_send_timeout"]
+        self.ws_send_timeout = settings["ws_send_timeout"] or None
         self.shed_load = settings["shed_load"]
 
 
@@ -64,8 +68,10 @@ class Handler(WebSocketHandler):
     header_deadline = None
 
     # ------------------------------------------------------------ reading
-    def _before(self, deadline: float, what):
-        """Run `what` and give up when the monotonic `deadline` passes."""
+    def _before(self, deadline: float | None, what):
+        """Run `what` and give up when the monotonic `deadline` passes (None: never)."""
+        if deadline is None:
+            return what()
         remaining = deadline - gevent.get_hub().loop.now()
         if remaining <= 0:
             raise gevent.Timeout()
@@ -77,17 +83,25 @@ class Handler(WebSocketHandler):
         now = gevent.get_hub().loop.now()
         # Waiting for the first request is bounded by header_timeout; for the
         # next one on a keep-alive connection, by the keepalive idle timeout.
-        wait = limits.header_timeout if self.requests_on_connection == 0 else limits.keepalive
+        if self.requests_on_connection == 0:
+            deadline = None if limits.header_timeout is None else now + limits.header_timeout
+        elif not limits.keepalive:
+            return ""   # keep-alive off: the response said Connection: close
+        else:
+            deadline = now + limits.keepalive
+        # No limit of ours still leaves pywsgi's: 414 from MAX_REQUEST_LINE (8192) on.
+        max_line = limits.request_line or pywsgi.MAX_REQUEST_LINE
         try:
-            line = self._before(now + wait, lambda: self.rfile.readline(limits.request_line + 1))
+            line = self._before(deadline, lambda: self.rfile.readline(max_line + 1))
         except gevent.Timeout:
             if self.requests_on_connection == 0:
                 self._send_and_close(ClientError(*HEADER_TIMEOUT))
             return ""   # an idle keep-alive connection just closes
-        self.header_deadline = gevent.get_hub().loop.now() + limits.header_timeout
+        if limits.header_timeout is not None:
+            self.header_deadline = gevent.get_hub().loop.now() + limits.header_timeout
         self.requests_on_connection += 1
         line = line.decode("latin-1")
-        if len(line) > limits.request_line:
+        if len(line) > max_line:
             return "x" * pywsgi.MAX_REQUEST_LINE   # pywsgi answers 414 and closes
         return line
 
@@ -117,7 +131,7 @@ class Handler(WebSocketHandler):
         lengths: set[bytes] = set()
         codings: list[bytes] = []
         while True:
-            line = self.rfile.readline(limits.field_size + 3)
+            line = self.rfile.readline(-1 if limits.field_size is None else limits.field_size + 3)
             if not line:
                 raise ClientError(*BAD_REQUEST)
             if line in (b"\r\n", b"\n"):
@@ -128,7 +142,8 @@ class Handler(WebSocketHandler):
                     raise ClientError(*BAD_REQUEST)
                 lines.append(line)
                 return b"".join(lines)
-            if len(line.rstrip(b"\r\n")) > limits.field_size or len(lines) >= limits.fields:
+            if ((limits.field_size is not None and len(line.rstrip(b"\r\n")) > limits.field_size)
+                    or (limits.fields is not None and len(lines) >= limits.fields)):
                 raise ClientError(*HEADERS_TOO_LARGE)
             content = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n")
             name, colon, value = content.partition(b":")
@@ -142,6 +157,13 @@ class Handler(WebSocketHandler):
             elif name == b"transfer-encoding":
                 codings.append(value.strip().lower())
             lines.append(line)
+
+    def MessageClass(self, fp, *args):
+        # pywsgi parses headers with http.client.parse_headers, which refuses a
+        # 101st line (the blank one included: 100 fields gave a 400 and a
+        # traceback) and lines over 64 KiB. `fp` holds the block that
+        # _read_header_block read under our limits: those are the only ones.
+        return email.parser.Parser(_class=pywsgi.OldMessage).parsestr(fp.read().decode("latin-1"))
 
     def _handle_client_error(self, ex):
         if isinstance(ex, ClientError):
@@ -215,7 +237,8 @@ class Handler(WebSocketHandler):
                     pass
                 raise WebSocketError(f"peer read nothing for {timeout:.0f}s; connection closed") from None
 
-        ws.raw_write = write
+        if timeout is not None:   # None: no send deadline
+            ws.raw_write = write
         try:
             return super().run_websocket()
         finally:
@@ -224,7 +247,9 @@ class Handler(WebSocketHandler):
     def start_response(self, status, headers, exc_info=None):
         # A retiring worker sends keep-alive clients elsewhere: after this
         # response they reconnect, and the kernel routes them to the new worker.
-        if self.server.retiring and self.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+        # keepalive = 0 closes every connection after its response.
+        if ((self.server.retiring or not self.server.limits.keepalive)
+                and self.environ.get("HTTP_UPGRADE", "").lower() != "websocket"):
             headers = [(k, v) for k, v in headers if k.lower() != "connection"]
             headers.append(("Connection", "close"))
         return super().start_response(status, headers, exc_info)

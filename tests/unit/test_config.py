@@ -1,3 +1,4 @@
+import re
 import socket
 
 import pytest
@@ -141,3 +142,133 @@ def test_help_lists_every_setting():
     for s in config.SETTINGS:
         if s.name != "app":
             assert s.flag in text and s.env in text
+
+
+# --------------------------------------------------------------- 0 and negatives
+
+# Durations and counts where 0 is "there is none": None in the config.
+ZERO_IS_NONE = ["boot_timeout", "retired_timeout", "busy_lag", "busy_retire_after", "block_report",
+                "timeout", "header_timeout", "ws_send_timeout", "worker_memory", "cluster_memory",
+                "max_requests", "limit_request_line", "limit_request_fields",
+                "limit_request_field_size"]
+# 0 is a real amount: kept as 0.
+ZERO_IS_ZERO = {"graceful_timeout": 0.0, "spawn_interval": 0.0, "health_retire_interval": 0.0,
+                "keepalive": 0.0, "max_requests_jitter": 0, "retired_nice": 0}
+DURATIONS = [s.name for s in config.SETTINGS if s.metavar == "DURATION"]
+NUMBERS = DURATIONS + ["worker_memory", "cluster_memory", "max_requests", "max_requests_jitter",
+                       "limit_request_line", "limit_request_fields", "limit_request_field_size",
+                       "backlog"]
+
+
+def test_every_number_setting_is_classified():
+    assert set(DURATIONS) <= set(ZERO_IS_NONE) | set(ZERO_IS_ZERO)
+    for key in NUMBERS:
+        if key == "backlog":
+            continue
+        assert key in ZERO_IS_NONE or key in ZERO_IS_ZERO
+        assert re.search(r"(?<![\d.])0(?![\d.%])", config.BY_NAME[key].doc), \
+            f"{key}: its doc does not say what 0 means"
+
+
+def _sources(tmp_path, key, raw):
+    """(cli, environ, where the error must say it came from) for each source."""
+    path = tmp_path / "neg.toml"
+    path.write_text(f"{key} = {raw!r}\n".replace("'", '"') if isinstance(raw, str) else f"{key} = {raw}\n")
+    flag = config.BY_NAME[key].flag
+    env = config.BY_NAME[key].env
+    yield {"app": "a:b", "config": str(path)}, {}, f"in {path}"
+    yield {"app": "a:b"}, {env: str(raw)}, f"from environment {env}"
+    yield {"app": "a:b", key: str(raw)}, {}, f"from command line {flag}"
+
+
+@pytest.mark.parametrize("key", NUMBERS)
+@pytest.mark.parametrize("raw", [-5, "-5", -1])
+def test_negative_values_are_refused_naming_key_and_source(tmp_path, key, raw):
+    for cli, environ, where in _sources(tmp_path, key, raw):
+        with pytest.raises(ConfigError) as err:
+            resolve(cli, environ=environ)
+        message = str(err.value)
+        assert message.startswith(f"{key} = ") and f"({where})" in message, message
+        assert ("negative" in message or "at least" in message or "between" in message), message
+        assert "\n" not in message
+
+
+@pytest.mark.parametrize("key", DURATIONS)
+@pytest.mark.parametrize("raw", ["-5s", "-500ms", " -2m ", "-0.5"])
+def test_negative_duration_strings_say_negative(tmp_path, key, raw):
+    for cli, environ, where in _sources(tmp_path, key, raw):
+        with pytest.raises(ConfigError, match=f"^{key} = .*{where}.*: must not be negative$"):
+            resolve(cli, environ=environ)
+
+
+@pytest.mark.parametrize("raw", ["inf", "nan", "-inf"])
+def test_non_finite_durations_are_refused(tmp_path, raw):
+    path = write(tmp_path, f"timeout = {raw}\n")   # TOML has inf and nan
+    with pytest.raises(ConfigError, match="timeout = .*finite"):
+        resolve({"app": "a:b", "config": path}, environ={})
+
+
+def test_negative_size_strings_say_negative():
+    with pytest.raises(ValueError, match="negative"):
+        parse_size("-5MiB")
+
+
+@pytest.mark.parametrize("key", ZERO_IS_NONE)
+@pytest.mark.parametrize("raw", [0, "0", "0s", "none"])
+def test_zero_means_none_where_it_disables(tmp_path, key, raw):
+    if raw == "0s" and key not in DURATIONS:
+        raw = "0"
+    for cli, environ, _ in _sources(tmp_path, key, raw):
+        assert getattr(resolve(cli, environ=environ), key) is None
+
+
+@pytest.mark.parametrize("key, zero", ZERO_IS_ZERO.items())
+def test_zero_is_kept_where_it_is_an_amount(tmp_path, key, zero):
+    for cli, environ, _ in _sources(tmp_path, key, 0):
+        value = getattr(resolve(cli, environ=environ), key)
+        assert value == zero and value is not None and type(value) is type(zero)
+
+
+def test_disabled_limits_keep_their_defaults_when_unset():
+    cfg = resolve({"app": "a:b"}, environ={})
+    assert cfg.timeout == 30.0 and cfg.header_timeout == 10.0 and cfg.limit_request_line == 4094
+    assert cfg.max_requests is None   # default 0: never
+
+
+@pytest.mark.parametrize("raw, ok", [(-20, True), (19, True), (0, True), (-21, False), (20, False)])
+def test_retired_nice_range(raw, ok):
+    if ok:
+        assert resolve({"app": "a:b", "retired_nice": str(raw)}, environ={}).retired_nice == raw
+    else:
+        with pytest.raises(ConfigError, match=r"^retired_nice = .*--retired-nice.*must be between -20 and 19$"):
+            resolve({"app": "a:b", "retired_nice": str(raw)}, environ={})
+
+
+@pytest.mark.parametrize("raw, ok", [(1, True), (65535, True), (0, False), (65536, False), (-1, False)])
+def test_backlog_range(tmp_path, raw, ok):
+    path = write(tmp_path, f"backlog = {raw}\n")
+    if ok:
+        assert resolve({"app": "a:b", "config": path}, environ={}).backlog == raw
+    else:
+        with pytest.raises(ConfigError, match=r"^backlog = .*must be between 1 and 65535$"):
+            resolve({"app": "a:b", "config": path}, environ={})
+
+
+def test_integer_bounds_messages():
+    assert config.integer(0)("7") == 7
+    with pytest.raises(ValueError, match="^must be at least 0$"):
+        config.integer(0)(-1)
+    with pytest.raises(ValueError, match="^must be at most 9$"):
+        config.integer(None, 9)(10)
+    with pytest.raises(ValueError, match="whole number"):
+        config.integer(0)(1.5)
+    with pytest.raises(ValueError, match="whole number"):
+        config.integer(0)(True)
+
+
+def test_docs_say_what_zero_means():
+    docs = {s.name: s.doc for s in config.SETTINGS}
+    assert "0: no hung-worker detection" in docs["timeout"]
+    assert "0: keep-alive off" in docs["keepalive"]
+    assert "8192" in docs["limit_request_line"]
+    assert "0: they are stopped at once" in docs["graceful_timeout"]

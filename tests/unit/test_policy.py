@@ -1,135 +1,163 @@
+"""The master's pure decisions (ipserve.master.policy)."""
+
 from dataclasses import dataclass
 
+import pytest
+
 from ipserve.master import policy
+from ipserve.master.registry import WorkerState
+
+A, B, R, K, H = (WorkerState.ACTIVE, WorkerState.BOOTING, WorkerState.RETIRING,
+                 WorkerState.KILLED, WorkerState.HUNG)
+READY = WorkerState.READY
 
 
-@dataclass
+@dataclass(eq=False)
 class W:
     slot: int
-    generation: int
-    state: str = "active"
-    port: int | None = None
-
-
-def test_routes_prefer_newest_active_generation():
-    workers = [W(0, 1, port=100), W(0, 2, port=200), W(1, 1, port=101), W(1, 2, "booting", None)]
-    assert policy.routable_ports(workers, 2) == {0: 200, 1: 101}
-
-
-def test_retiring_and_booting_workers_get_no_new_connections():
-    workers = [W(0, 1, "retiring", 100), W(1, 1, port=101)]
-    assert policy.desired_routes(workers, 2) == {0: 101, 1: 101}
-
-
-def test_slots_to_spawn():
-    workers = [W(0, 1), W(1, 1, "booting"), W(2, 0), W(3, 1, "retiring")]
-    assert policy.slots_to_spawn(workers, 4) == [3]
-
-
-def test_respawn_backoff():
-    assert [policy.respawn_delay(n) for n in range(8)] == [0, 1, 2, 4, 8, 16, 30, 30]
-
-
-@dataclass
-class R:
-    slot: int
-    generation: int
-    state: str = "active"
+    generation: int = 1
+    state: WorkerState = A
+    pid: int = 0
+    serial: int = 0
+    spawned_at: float = 0.0
+    activated_at: float | None = 0.0
     retired_at: float | None = None
+    last_seen: float = 0.0
+    rss: int = 0
+    connections: int = 0
+    replacing: str | None = None
+    max_requests: int = 0
+    requests: int = 0
+    busy_since: float | None = None
 
 
-def test_superseded_by_newer_active_worker_only():
-    old, new_booting = R(0, 1), R(0, 2, "booting")
-    assert policy.superseded([old, new_booting], 2) == []
-    new_active = R(0, 2)
-    assert policy.superseded([old, new_active, R(1, 1)], 2) == [old]
+# ---------------------------------------------------------------- back-off and pacing
+
+def test_backoff_doubles_from_base_to_cap():
+    assert [policy.backoff_delay(n) for n in range(8)] == [0, 1, 2, 4, 8, 16, 30, 30]
+    assert [policy.backoff_delay(n, base=0.25, cap=2) for n in range(6)] == [0, .25, .5, 1, 2, 2]
+    assert policy.backoff_delay(10_000) == 30   # no overflow after a long outage
 
 
-def test_superseded_when_slot_count_shrinks():
-    workers = [R(0, 1), R(1, 1), R(2, 1), R(3, 1)]
-    assert policy.superseded(workers, 2) == workers[2:]
+def test_at_most_one_boot_per_core_but_never_fewer_than_two():
+    assert policy.max_booting(1) == 2
+    assert policy.max_booting(2) == 2
+    assert policy.max_booting(16) == 16
 
 
-def test_adopted_generations_raise_the_next_number():
-    assert policy.next_generation(1, [R(0, 7), R(1, 3)]) == 8
+def test_died_young_counts_from_activation():
+    assert policy.died_young(W(0, activated_at=None), now=100.0)      # never served
+    assert policy.died_young(W(0, activated_at=98.0), now=100.0)
+    assert not policy.died_young(W(0, activated_at=90.0), now=100.0)
+
+
+def test_generation_numbers_rise_above_every_worker_seen():
+    assert policy.next_generation(1, [W(0, 7), W(1, 3)]) == 8
     assert policy.next_generation(4, []) == 5
 
 
+# ---------------------------------------------------------------- settling routes
+
+def test_nothing_settles_until_the_kernel_routes_something():
+    holder = W(0, 2, READY)
+    assert policy.settle([holder], [200], None, [holder]) == ([], [])
+
+
+def test_routed_ready_holder_is_activated_and_the_old_worker_retired():
+    old, new = W(0, 1, A, pid=1), W(0, 2, READY, pid=2)
+    other = W(1, 1, A, pid=3)
+    activate, retire = policy.settle([new, other], [200, 101], {0: 200, 1: 101}, [old, new, other])
+    assert activate == [new]
+    assert retire == [old]
+
+
+def test_nothing_moves_while_the_kernel_still_routes_the_old_port():
+    old, new = W(0, 1, A, pid=1), W(0, 2, READY, pid=2)
+    assert policy.settle([new], [200], {0: 100}, [old, new]) == ([], [])
+
+
+def test_reuseport_shares_the_port_so_the_holder_decides():
+    # Same port for both generations: routing is who accepts, i.e. the holder.
+    old, new = W(0, 1, A, pid=1), W(0, 2, READY, pid=2)
+    activate, retire = policy.settle([new], [8000], {0: 8000}, [old, new])
+    assert activate == [new] and retire == [old]
+    # Before the commit the old worker is still the holder: nothing changes.
+    assert policy.settle([old], [8000], {0: 8000}, [old, new]) == ([], [])
+
+
+def test_workers_beyond_a_shrunk_slot_count_retire_once_the_small_table_is_in():
+    w0, w1, w2, w3 = (W(s, 2, A, pid=s) for s in range(4))
+    workers = [w0, w1, w2, w3]
+    assert policy.settle([w0, w1], [100, 101], {0: 100, 1: 101, 2: 102, 3: 103}, workers)[1] == []
+    assert policy.settle([w0, w1], [100, 101], {0: 100, 1: 101}, workers)[1] == [w2, w3]
+
+
+def test_strays_are_booting_or_ready_workers_nobody_expects():
+    keep, stray, ready_stray, active = W(0, pid=1, state=B), W(1, pid=2, state=B), \
+        W(2, pid=3, state=READY), W(3, pid=4)
+    assert policy.strays([keep, stray, ready_stray, active], {1}) == [stray, ready_stray]
+
+
+# ---------------------------------------------------------------- health
+
+def test_overdue_boots_and_zero_means_no_limit():
+    slow, fresh = W(0, state=B, spawned_at=0.0), W(1, state=B, spawned_at=95.0)
+    assert policy.overdue_boots([slow, fresh, W(2)], 100.0, 30.0) == [slow]
+    assert policy.overdue_boots([slow], 100.0, None) == []
+
+
+def test_hung_and_zero_timeout_disables():
+    silent, chatty = W(0, last_seen=10.0), W(1, last_seen=95.0)
+    booting = W(2, state=B, last_seen=0.0)       # boot_timeout's business, not timeout's
+    assert policy.hung([silent, chatty, booting], 100.0, 30.0) == [silent]
+    assert policy.hung([silent], 100.0, None) == []
+    assert policy.hung([silent], 100.0, 0) == []
+
+
 def test_overdue_retirees():
-    workers = [R(0, 1, "retiring", 10.0), R(1, 1, "retiring", 95.0), R(2, 2)]
+    workers = [W(0, state=R, retired_at=10.0), W(1, state=R, retired_at=95.0), W(2)]
     assert policy.overdue_retirees(workers, 100.0, None) == []
     assert policy.overdue_retirees(workers, 100.0, 60.0) == [workers[0]]
 
 
-@dataclass
-class H:
-    slot: int = 0
-    generation: int = 1
-    state: str = "active"
-    rss: int = 0
-    connections: int = 0
-    spawned_at: float = 0.0
-    requests: int = 0
-    max_requests: int = 0
-    busy_since: float | None = None
-    replacing: str | None = None
-    serial: int = 0
-    last_seen: float = 0.0
-
-
-MiB = 1 << 20
-
-
-def test_replacement_outranks_predecessor_within_a_generation():
-    old, new = H(serial=1), H(serial=2)
-    assert policy.superseded([old, new], 1) == [old]
-    old.port, new.port = 100, 200
-    assert policy.routable_ports([old, new], 1) == {0: 200}
-
-
 def test_health_replacements():
-    fat = H(rss=300 * MiB)
-    worn = H(slot=1, requests=50, max_requests=50)
-    busy = H(slot=2, busy_since=10.0)
-    calm = H(slot=3, rss=10 * MiB, requests=3, max_requests=50)
-    already = H(slot=4, rss=300 * MiB, replacing="memory")
-    out = policy.health_replacements([fat, worn, busy, calm, already], now=60.0,
-                                     worker_memory=200 * MiB, max_requests=True, busy_retire_after=45.0)
-    assert [(w, limited) for w, _, limited in out] == [(fat, True), (worn, False), (busy, True)]
-    assert "worker_memory" in out[0][1] and "max_requests" in out[1][1] and "busy" in out[2][1]
-
-
-def test_busy_not_long_enough_is_kept():
-    assert policy.health_replacements([H(busy_since=30.0)], now=60.0, worker_memory=None,
-                                      max_requests=False, busy_retire_after=45.0) == []
+    fat = W(0, rss=600 << 20)
+    tired = W(1, max_requests=10, requests=10)
+    busy = W(2, busy_since=40.0)
+    already = W(3, rss=600 << 20, replacing="memory")
+    retiring = W(4, state=R, rss=600 << 20)
+    out = policy.health_replacements([fat, tired, busy, already, retiring], 100.0,
+                                     worker_memory=500 << 20, max_requests=True,
+                                     busy_retire_after=45.0)
+    assert [(w, limited) for w, _, limited in out] == [(fat, True), (tired, False), (busy, True)]
+    assert "RSS 600 MiB" in out[0][1] and "max_requests" in out[1][1] and "busy" in out[2][1]
+    # 0 (None) disables each check.
+    assert policy.health_replacements([busy], 100.0, worker_memory=None, max_requests=False,
+                                      busy_retire_after=None) == []
 
 
 def test_cluster_memory_under_80_percent_does_nothing():
-    assert policy.cluster_memory_actions([H(rss=70 * MiB)], 100 * MiB) == []
-    assert policy.cluster_memory_actions([H(rss=700 * MiB)], None) == []
+    assert policy.cluster_memory_actions([W(0, rss=70), W(1, state=R, rss=9)], 100) == []
 
 
 def test_cluster_memory_asks_retiring_in_order():
-    a = H(state="retiring", rss=20 * MiB, connections=5, spawned_at=1)
-    b = H(state="retiring", rss=10 * MiB, connections=0, spawned_at=2)   # fewest connections
-    c = H(state="retiring", rss=30 * MiB, connections=0, spawned_at=3)   # same, larger: first
-    active = H(rss=30 * MiB)
-    actions = policy.cluster_memory_actions([a, b, c, active], 100 * MiB)   # 90% of the limit
-    assert actions == [("close", c)]   # 90 - 30 = 60 MiB, under 80%: stop there
+    a = W(0, state=R, rss=30, connections=5)
+    b = W(1, state=R, rss=20, connections=0)
+    c = W(2, state=R, rss=25, connections=0)
+    actions = policy.cluster_memory_actions([a, b, c, W(3, rss=10)], 100)
+    assert actions == [("close", c)]          # fewest connections, then largest
 
 
 def test_cluster_memory_above_95_percent_kills():
-    a = H(state="retiring", rss=40 * MiB, connections=1)
-    b = H(state="retiring", rss=40 * MiB, connections=2)
-    actions = policy.cluster_memory_actions([a, b, H(rss=20 * MiB)], 100 * MiB)
-    assert actions == [("kill", a)]   # 100 - 40 = 60 MiB fits under 80%
+    a, b = W(0, state=R, rss=60), W(1, rss=40)
+    assert policy.cluster_memory_actions([a, b], 100) == [("kill", a)]
 
 
 def test_cluster_memory_exceeded_without_retiring_replaces_largest_active():
-    small, large = H(rss=40 * MiB), H(slot=1, rss=70 * MiB)
-    assert policy.cluster_memory_actions([small, large], 100 * MiB) == [("replace", large)]
+    small, large = W(0, rss=40), W(1, rss=70)
+    assert policy.cluster_memory_actions([small, large], 100) == [("replace", large)]
 
 
-def test_hung_workers():
-    fresh, silent, booting = H(last_seen=95.0), H(last_seen=50.0), H(state="booting", last_seen=0.0)
-    assert policy.hung([fresh, silent, booting], now=100.0, timeout=30.0) == [silent]
+@pytest.mark.parametrize("limit", [None, 0])
+def test_cluster_memory_without_limit(limit):
+    assert policy.cluster_memory_actions([W(0, rss=1 << 40)], limit) == []

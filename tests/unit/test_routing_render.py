@@ -4,7 +4,7 @@ import pytest
 
 from ipserve.config import parse_bind
 from ipserve.routing import iptables, nft
-from ipserve.routing.slots import mask, route_table, slot_of
+from ipserve.routing.slots import mask, slot_of
 
 V4 = parse_bind("0.0.0.0:8000")
 V6 = parse_bind("[::]:8000")
@@ -18,18 +18,6 @@ def test_slot_math():
     assert slot_of("10.0.0.7", 1) == 0
     with pytest.raises(ValueError):
         mask(6)
-
-
-def test_route_table_covers_missing_slots_with_a_live_neighbour():
-    assert route_table(4, {0: 100, 1: 101, 2: 102, 3: 103}) == {0: 100, 1: 101, 2: 102, 3: 103}
-    # Slot 1 has no low bit in common with 0 or 2: the lowest (0) covers it.
-    assert route_table(4, {0: 100, 2: 102}) == {0: 100, 1: 100, 2: 102, 3: 100}
-    # While 2 workers grow to 4, slots 2 and 3 stay with 0 and 1 (mask 1).
-    assert route_table(4, {0: 100, 1: 101}) == {0: 100, 1: 101, 2: 100, 3: 101}
-    assert route_table(8, {1: 101, 5: 105}) == {0: 101, 1: 101, 2: 101, 3: 101,
-                                                4: 101, 5: 105, 6: 101, 7: 101}
-    assert route_table(4, {3: 103}) == {0: 103, 1: 103, 2: 103, 3: 103}
-    assert route_table(4, {}) == {}
 
 
 def test_nft_table_v4_and_v6():

@@ -1,0 +1,76 @@
+"""Starting workers: their spec, their record, and the back-off of slots
+whose workers keep ending young.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import selectors
+
+from ipserve.config import Config
+from ipserve.master import policy, settle
+from ipserve.master.registry import WorkerRecord
+from ipserve.master.slottable import Slot
+from ipserve.master.sockets import Listeners
+
+
+def worker_spec(cfg: Config, slot: int, generation: int, serial: int, control_path: str,
+                shared: bool) -> dict:
+    """What a worker needs to know, on its command line."""
+    values = cfg.to_json()
+    return {"name": cfg.name, "slot": slot, "generation": generation, "serial": serial,
+            "control": control_path, "master_uid": os.geteuid(), "shared_listeners": shared,
+            **{key: values[key] for key in (
+                "app", "chdir", "error_log", "access_log", "log_level", "graceful_timeout",
+                "busy_lag", "block_report", "limit_request_line", "limit_request_fields",
+                "limit_request_field_size", "header_timeout", "keepalive", "ws_send_timeout",
+                "shed_load")}}
+
+
+def spawn_worker(master, cfg: Config, slot: int, generation: int, listeners: Listeners) -> WorkerRecord:
+    master.serial += 1
+    spec = worker_spec(cfg, slot, generation, master.serial, master.control.path, master.sockets.shared)
+    process = master.spawner.spawn(spec, listeners.fds())
+    now = master.clock()
+    record = WorkerRecord(pid=process.pid, slot=slot, generation=generation, serial=master.serial,
+                          process=process, start_time=process.start_time, spawned_at=now,
+                          last_seen=now, listeners=listeners,
+                          max_requests=cfg.max_requests + random.randint(0, cfg.max_requests_jitter)
+                          if cfg.max_requests else 0)
+    track(master, record)
+    master.log.debug("spawned worker pid %d: slot %d, generation %d", record.pid, slot, generation)
+    return record
+
+
+def track(master, record: WorkerRecord) -> None:
+    master.registry.add(record)
+    master.selector.register(record.process.fileno(), selectors.EVENT_READ, ("pidfd", record))
+    record.measure()
+    master.state_dirty = True
+
+
+def spawn_holder(master, slot: Slot) -> None:
+    try:
+        slot.holder = spawn_worker(master, master.cfg, slot.index, master.generation, slot.listeners)
+    except OSError as exc:
+        master.log.error("slot %d: cannot start a worker: %s", slot.index, exc)
+        back_off(master, slot)
+
+
+def back_off(master, slot: Slot) -> None:
+    """Its workers keep ending young: wait 1, 2, 4 ... 30 s before the next."""
+    slot.failures += 1
+    delay = policy.backoff_delay(slot.failures)
+    slot.spawn_after = master.clock() + delay
+    if slot.failures > 1:
+        master.log.warning("slot %d: next worker in %.0fs (%d ended young in a row)",
+                           slot.index, delay, slot.failures)
+
+
+def kill_overdue_boots(master, now: float) -> None:
+    for record in policy.overdue_boots(master.registry, now, master.cfg.boot_timeout):
+        record.boot_error = (f"worker pid {record.pid} (slot {record.slot}) not ready within "
+                             f"boot_timeout ({master.cfg.boot_timeout:g}s)")
+        master.log.error("%s: killing it", record.boot_error)
+        settle.kill(master, record)
