@@ -106,6 +106,9 @@ class Worker:
         self.diagnostics()
         if self.spec.get("chdir"):
             os.chdir(self.spec["chdir"])
+        worker_info = {"slot": self.slot, "generation": self.generation, "pid": os.getpid(),
+                       "name": self.name}
+        ipserve.current_worker = worker_info
         application = app_loader.load(self.spec["app"], self.spec.get("chdir"))
         # The master opened our listening sockets and keeps a copy: if we die,
         # connections wait in the backlog for our replacement instead of
@@ -114,8 +117,6 @@ class Worker:
         # takes a connection.
         listeners = [socket.socket(fileno=fd) for fd in self.spec["listen_fds"]]
         self.port = listeners[0].getsockname()[1]
-        worker_info = {"slot": self.slot, "generation": self.generation, "pid": os.getpid(),
-                       "name": self.name}
         for listener in listeners:
             self.servers.append(Server(listener, application, log=self.access_log or None,
                                        error_log=self.log, environ={"ipserve.worker": worker_info},
