@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from typing import Callable, Sequence
 
+from ipserve import children
 from ipserve.config import Bind
+from ipserve.privileges import SYSTEM_DIRS, system_tool
+
+TOOL_TIMEOUT = 10.0      # a rule write that takes longer fails (and is retried)
+XTABLES_WAIT = "5"       # seconds iptables may wait for the xtables lock
 
 
 class RouterUnavailable(Exception):
@@ -19,12 +23,15 @@ class RouteError(Exception):
 
 
 # Injected so rule logic can be exercised without root; production passes
-# subprocess.run.
+# run_command.
 Runner = Callable[..., subprocess.CompletedProcess]
 
 
 def run_command(argv: Sequence[str], input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=30)
+    # Bounded, so a tool stuck on a lock fails the write (kept routes, retried)
+    # instead of holding the route writer for ever; registered, so the master
+    # reaping orphans as PID 1 never steals its exit status.
+    return children.run(list(argv), input=input, timeout=TOOL_TIMEOUT)
 
 
 def has_net_admin() -> bool:
@@ -46,9 +53,12 @@ NET_ADMIN_HINT = (
 
 
 def need_tool(tool: str, package: str) -> str:
-    path = shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    """The tool from a root-owned system directory, never from $PATH: whoever
+    sets the master's environment must not choose what runs as root."""
+    path = system_tool(tool)
     if path is None:
-        raise RouterUnavailable(f"{tool} is not installed (Debian/Ubuntu: apt-get install {package})")
+        raise RouterUnavailable(f"{tool} is not installed in {', '.join(SYSTEM_DIRS)} "
+                                f"(Debian/Ubuntu: apt-get install {package})")
     return path
 
 

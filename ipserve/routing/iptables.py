@@ -14,7 +14,7 @@ from typing import Sequence
 
 from ipserve.config import Bind
 from ipserve.routing.base import (NET_ADMIN_HINT, RouteError, Router, RouterUnavailable,
-                                  has_net_admin, need_tool)
+                                  XTABLES_WAIT, has_net_admin, need_tool)
 from ipserve.routing.slots import mask
 
 TOOLS = {socket.AF_INET: ("iptables", ipaddress.IPv4Address),
@@ -83,13 +83,13 @@ class IptablesRouter(Router):
                 raise RouterUnavailable(f"{TOOLS[family][0]} does not work here: {probe.stderr.strip()}")
 
     def _listing(self, family: int) -> str:
-        result = self.run([self.tools[family][0], "-w", "-t", "nat", "-S"])
+        result = self.run([self.tools[family][0], "-w", XTABLES_WAIT, "-t", "nat", "-S"])
         if result.returncode != 0:
             raise RouteError(f"{TOOLS[family][0]} -S failed: {result.stderr.strip()}")
         return result.stdout
 
     def _restore(self, family: int, text: str) -> None:
-        result = self.run([self.tools[family][1], "-w", "--noflush"], input=text)
+        result = self.run([self.tools[family][1], "-w", XTABLES_WAIT, "--noflush"], input=text)
         if result.returncode != 0:
             raise RouteError(f"{TOOLS[family][0]}-restore rejected the rules: {result.stderr.strip()}")
 
