@@ -16,7 +16,6 @@ from ipserve.master import policy, reload, slottable, spawning
 from ipserve.master.registry import WorkerRecord, WorkerState
 from ipserve.master.slottable import Slot
 from ipserve.master.sockets import Listeners
-from ipserve.master.spawner import ProcessHandle
 from ipserve.master.state import Recorded
 
 ADOPTION_WINDOW = 1.5      # orphaned workers retry every 0.5 s: three tries to reconnect
@@ -30,7 +29,7 @@ def adopt(master, recorded: Recorded) -> bool:
     master.generation = master.highest_generation = recorded.generation
     master.serial = recorded.serial
     alive = [(entry, process) for entry in recorded.workers
-             if (process := ProcessHandle.attach(entry.pid, entry.start_time)) is not None]
+             if (process := master.spawner.attach(entry.pid, entry.start_time)) is not None]
     master.log.info("previous master pid %d recorded %d worker(s); %d still run",
                     recorded.master_pid, len(recorded.workers), len(alive))
     if not alive:

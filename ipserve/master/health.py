@@ -14,6 +14,19 @@ from ipserve.master.registry import WorkerState
 HUNG_KILL_DELAY = 2.0   # a hung worker's time to dump its stacks after SIGABRT
 
 
+def kill_overdue_boots(master, now: float) -> None:
+    """A worker not ready within boot_timeout is killed; if it was a reload's
+    successor, that reload fails now (no slot switches)."""
+    for record in policy.overdue_boots(master.registry, now, master.cfg.boot_timeout):
+        record.boot_error = (f"worker pid {record.pid} (slot {record.slot}) not ready within "
+                             f"boot_timeout ({master.cfg.boot_timeout:g}s)")
+        master.log.error("%s: killing it", record.boot_error)
+        settle.kill(master, record)
+        for pending in master.reloads():
+            if pending.owns(record):
+                reload.fail_reload(master, pending, record.boot_error, record)
+
+
 def check(master, now: float) -> None:
     cfg = master.cfg
     for record in policy.hung(master.registry, now, cfg.timeout):

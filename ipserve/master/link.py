@@ -17,7 +17,6 @@ from ipserve import messages
 from ipserve.master import commands, reload, settle
 from ipserve.master.connections import Connection
 from ipserve.master.registry import WorkerRecord, WorkerState
-from ipserve.master.spawner import start_time
 from ipserve.messages import BadMessage, Phase, ToWorker
 
 
@@ -52,7 +51,7 @@ def known_worker(master, conn: Connection) -> WorkerRecord | None:
     """The worker at the other end, by the kernel's word (SO_PEERCRED pid
     and the process's start time), or None."""
     record = master.registry.get(conn.peer.pid)
-    if record is None or start_time(conn.peer.pid) != record.start_time:
+    if record is None or master.spawner.start_time(conn.peer.pid) != record.start_time:
         return None
     return record
 

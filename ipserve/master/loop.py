@@ -197,24 +197,24 @@ class Master:
         if os.getpid() == 1:
             children.reap_orphans()   # a container's init inherits every orphan
         self.measure(now)
-        self.routes.collect()
+        self.on_routes_written()
         if self.stopping:
             self.stop_step(now)
             return
         if self.adopting_until is not None and (now >= self.adopting_until
                                                 or adoption.all_adopted(self)):
             adoption.end_adoption(self)
-        spawning.kill_overdue_boots(self, now)
+        health.kill_overdue_boots(self, now)
         self.spawn_step(now)
         reload.progress(self, now)
         self.routes.step()
-        settle.settle(self)
+        self.on_routes_written()    # a write that finished already (inline in unit tests)
         settle.refuse_waiting_slots(self, now)
         health.check(self, now)
-        for slot in self.slots:
+        for slot in self.slots:     # a worker that lasts ends its slot's back-off
             h = slot.holder
             if (slot.failures and h is not None and h.state is WorkerState.ACTIVE
-                and not policy.died_young(h, now)):
+                    and not h.replacing and not policy.died_young(h, now)):
                 slot.failures = 0
 
     def measure(self, now: float) -> None:
@@ -312,6 +312,8 @@ class Master:
         first = self.stopping is None
         self.stopping = mode
         if first:
+            for pending in self.reloads():
+                reload.fail_reload(self, pending, "cancelled: the master is stopping")
             self.routes.remove()
             for slot in self.slots:
                 settle.stop_refusing(self, slot)

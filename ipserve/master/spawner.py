@@ -83,7 +83,8 @@ class ProcessHandle:
 
 
 class Spawner:
-    """Starts worker processes (a fake one drives the master in unit tests)."""
+    """Starts worker processes and identifies them (a fake one drives the
+    master in unit tests)."""
 
     def __init__(self, user: str | None, group: str | None):
         self.identity = {}
@@ -106,3 +107,7 @@ class Spawner:
             children.forget(popen.pid)
             raise
         return ProcessHandle(popen.pid, pidfd, start_time(popen.pid) or 0, popen)
+
+    # The kernel's word on who a process is; a fake spawner answers for its fakes.
+    start_time = staticmethod(start_time)
+    attach = staticmethod(ProcessHandle.attach)

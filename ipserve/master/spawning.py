@@ -66,11 +66,3 @@ def back_off(master, slot: Slot) -> None:
     if slot.failures > 1:
         master.log.warning("slot %d: next worker in %.0fs (%d ended young in a row)",
                            slot.index, delay, slot.failures)
-
-
-def kill_overdue_boots(master, now: float) -> None:
-    for record in policy.overdue_boots(master.registry, now, master.cfg.boot_timeout):
-        record.boot_error = (f"worker pid {record.pid} (slot {record.slot}) not ready within "
-                             f"boot_timeout ({master.cfg.boot_timeout:g}s)")
-        master.log.error("%s: killing it", record.boot_error)
-        settle.kill(master, record)
