@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as exc:
         print(f"ipserve: error: {exc}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
+    except KeyboardInterrupt:   # Ctrl-C before the master's own handlers are in place
+        print("ipserve: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -169,8 +169,11 @@ class Master:
             return   # the reuseport group comes back from the adopted workers
         for slot in self.slots:
             if slot.listeners is None and slot.holder is None:
-                slot.listeners = self.sockets.open(slot.index)
                 slot.waiting_since = now
+                try:
+                    slot.listeners = self.sockets.open(slot.index)
+                except OSError as exc:   # spawn_holder tries again
+                    self.log.error("slot %d: cannot open its socket: %s", slot.index, exc)
         self.routes.want(slottable.table(self.slots))
         self.routes.step()
 
@@ -239,9 +242,11 @@ class Master:
                 return
 
     def next_spawn_job(self, now: float) -> Callable[[], None] | None:
-        # Slots without a worker first: their clients are waiting.
+        # Slots without a worker first: their clients are waiting. (Not while a
+        # reuseport group is still to come back from adopted workers.)
         for slot in self.slots:
-            if slot.holder is None and slot.listeners is not None and now >= slot.spawn_after:
+            if (slot.holder is None and now >= slot.spawn_after
+                    and not (self.adopting_until is not None and self.sockets.shared)):
                 return lambda slot=slot: spawning.spawn_holder(self, slot)
         for pending in self.reloads():
             for index in pending.to_spawn():

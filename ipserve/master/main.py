@@ -23,6 +23,8 @@ from ipserve.master.sockets import for_router
 from ipserve.master.spawner import Spawner
 from ipserve.messages import BadMessage
 
+MAX_SOCKET_PATH = 107     # sizeof(sun_path) - 1 on Linux
+
 
 def raise_open_files_limit() -> None:
     """The master holds a pidfd, a control connection and listeners per worker."""
@@ -64,6 +66,10 @@ def serve(cfg: Config, worker_rss: int | None) -> int:
     worker_ids = users.ids(cfg.user, cfg.group) if cfg.user is not None else None
     rt = prepare_runtime_dir(cfg, worker_ids)
     socket_path = control.socket_path(rt, cfg.name)
+    if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+        raise UsageError(f"runtime_dir {rt!r} is too long for the control socket "
+                         f"{socket_path!r} (a unix socket path has at most {MAX_SOCKET_PATH} "
+                         f"bytes): choose a shorter runtime_dir")
     state_path = os.path.join(rt, cfg.name + ".state")
     log = logs.setup_error_log(cfg.error_log, cfg.log_level, owner=worker_ids)
     logs.prepare_log_file(cfg.access_log, worker_ids)

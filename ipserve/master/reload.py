@@ -222,11 +222,13 @@ def fail_reload(master, reload: Reload, why: str, failed: WorkerRecord | None = 
 
 
 def spawn_successor(master, reload: Reload, index: int) -> None:
-    listeners = master.sockets.open(index)
+    listeners = None
     try:
+        listeners = master.sockets.open(index)
         record = spawning.spawn_worker(master, reload.cfg, index, reload.generation, listeners)
-    except OSError as exc:
-        listeners.close()
+    except OSError as exc:      # out of descriptors or processes: the reload fails whole
+        if listeners is not None:
+            listeners.close()
         fail_reload(master, reload, f"cannot start a worker for slot {index}: {exc}")
         return
     reload.successors[index] = record

@@ -9,7 +9,7 @@ import random
 import selectors
 
 from ipserve.config import Config
-from ipserve.master import policy, settle
+from ipserve.master import policy, settle, slottable
 from ipserve.master.registry import WorkerRecord
 from ipserve.master.slottable import Slot
 from ipserve.master.sockets import Listeners
@@ -51,9 +51,16 @@ def track(master, record: WorkerRecord) -> None:
 
 
 def spawn_holder(master, slot: Slot) -> None:
+    """A worker for a slot that has none, on the slot's own sockets (so what
+    queued there is served). New sockets only if the slot has none that work:
+    never opened yet, or a dead adopted worker's that were never handed back."""
     try:
-        slot.holder = spawn_worker(master, master.cfg, slot.index, master.generation, slot.listeners)
-    except OSError as exc:
+        if slot.listeners is None or not slot.listeners.sockets:
+            slot.listeners = master.sockets.open(slot.index)
+            master.routes.want(slottable.table(master.slots))
+        slot.holder = spawn_worker(master, master.cfg, slot.index, master.generation,
+                                   slot.listeners)
+    except OSError as exc:      # out of descriptors or processes: try again, backed off
         master.log.error("slot %d: cannot start a worker: %s", slot.index, exc)
         back_off(master, slot)
 
