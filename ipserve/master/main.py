@@ -39,12 +39,17 @@ def prepare_runtime_dir(cfg: Config, worker_ids: tuple[int, int] | None) -> str:
     traverse it to reach the control socket."""
     real = runtime.secure_dir(cfg.runtime_dir, mode=0o711 if worker_ids else 0o700)
     if worker_ids is not None:
-        st = os.stat(real)
         uid, gid = worker_ids
-        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)
-                or (st.st_gid == gid and st.st_mode & 0o010)):
-            raise UsageError(f"runtime_dir {real!r} (mode {st.st_mode & 0o777:o}) cannot be entered "
-                             f"by user {cfg.user!r}; make it searchable (chmod o+x) or choose another")
+        path = "/"
+        for part in [""] + real.strip("/").split("/"):
+            path = os.path.join(path, part)
+            st = os.stat(path)
+            if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)
+                    or (st.st_gid == gid and st.st_mode & 0o010)):
+                raise UsageError(f"user {cfg.user!r} cannot reach the control socket in runtime_dir "
+                                 f"{real!r}: {path!r} (mode {st.st_mode & 0o777:o}) cannot be "
+                                 f"entered by it; make it searchable (chmod o+x) or choose another "
+                                 f"runtime_dir")
     return real
 
 

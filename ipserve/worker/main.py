@@ -192,8 +192,11 @@ class Worker:
                     socket.send_fds(sock, [encode(self.hello())], fds)
                 else:
                     sock.sendall(encode(self.hello()))
-            except OSError:
+            except OSError as exc:
                 sock.close()
+                if isinstance(exc, PermissionError) and not warned:
+                    self.log.warning("cannot reach the control socket %s: %s", path, exc.strerror)
+                    warned = True
                 gevent.sleep(0.5)
                 continue
             warned = False
