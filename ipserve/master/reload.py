@@ -138,14 +138,16 @@ def reread_config(master) -> Config:
     return fresh
 
 
-def begin_replacement(master, record: WorkerRecord, reason: str, rate_limited: bool, now: float) -> None:
+def begin_replacement(master, record: WorkerRecord, reason: str, rate_limited: bool,
+                      now: float) -> None:
     """A fresh worker for the slot; `record` retires once it holds the slot."""
     if master.stopping or master.deploy is not None or record.slot in master.replacements:
         return
     if master.slots[record.slot].holder is not record:
         return
     if rate_limited:
-        if master.cfg.health_retire_interval and now - master.last_health_retire < master.cfg.health_retire_interval:
+        interval = master.cfg.health_retire_interval
+        if interval and now - master.last_health_retire < interval:
             return
         master.last_health_retire = now
     slot = master.slots[record.slot]
