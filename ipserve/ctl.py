@@ -56,12 +56,18 @@ def ask(path: str, name: str, command: str, timeout: float) -> dict:
 
 
 def clean_up(runtime_dir: str, name: str, binds: list[str] | None, all_backends: bool) -> str:
-    runtime.secure_dir(runtime_dir, create=False)   # nothing is removed from a directory others control
-    done = orphans.clean(runtime_dir, name, binds, all_backends)
-    parts = [f"stopped {len(done.workers_stopped)} orphaned worker(s) (SIGTERM: they finish what "
-             f"they hold)" if done.workers_stopped else "no orphaned worker",
+    # Nothing is removed from a directory somebody else controls.
+    runtime.secure_dir(runtime_dir, create=False)
+    done = orphans.clean(runtime_dir, name, binds, all_backends,
+                         progress=lambda line: print(f"ipservectl: {line}", file=sys.stderr))
+    stopped = len(done.workers_stopped) - len(done.workers_killed)
+    parts = [f"stopped {stopped} orphaned worker(s) after they finished what they held"
+             if done.workers_stopped else "no orphaned worker",
+             f"killed {len(done.workers_killed)} still running after their graceful_timeout"
+             if done.workers_killed else "",
              f"removed the rules ({', '.join(done.rules_removed)})" if done.rules_removed
              else "no rules removed"]
+    parts = [part for part in parts if part]
     for error in done.rule_errors:
         print(f"ipservectl: {error}", file=sys.stderr)
     return f"{name}: " + "; ".join(parts)

@@ -155,9 +155,10 @@ class Master:
                 self.error_counts[where] = (last, count + 1)
 
     def finished(self) -> bool:
+        """Handed over, or stopped: every worker gone and our rules removed."""
         if self.handed_over:
             return True
-        return (self.stopping is not None and not len(self.registry)
+        return (self.stopping is not None and not len(self.registry) and self.routes.removed
                 and not self.routes.in_flight)
 
     # ================================================================ start
@@ -203,6 +204,7 @@ class Master:
         self.on_routes_written()
         if self.stopping:
             self.stop_step(now)
+            self.on_routes_written()
             return
         if self.adopting_until is not None and (now >= self.adopting_until
                                                 or adoption.all_adopted(self)):
@@ -262,8 +264,8 @@ class Master:
                 self.log.error("routing update failed, the kernel keeps the previous routes "
                                "(retry in %.1fs): %s", max(0.0, self.routes.retry_at - self.clock()),
                                result.error)
-            elif result.table is not None:
-                self.log.debug("routes: %s", result.table)
+            else:
+                self.log.debug("routes: %s", result.write)
         settle.settle(self)
 
     # ================================================================ workers
@@ -319,7 +321,8 @@ class Master:
         if first:
             for pending in self.reloads():
                 reload.fail_reload(self, pending, "cancelled: the master is stopping")
-            self.routes.remove()
+            # Nothing new reaches the workers; what they hold stays connected.
+            self.routes.drain()
             for slot in self.slots:
                 settle.stop_refusing(self, slot)
         now = self.clock()
@@ -336,7 +339,10 @@ class Master:
                 record.signal(signal.SIGQUIT)
 
     def stop_step(self, now: float) -> None:
-        if not len(self.registry) or now <= self.stop_deadline:
+        if not len(self.registry):
+            self.routes.remove()         # nothing left to drain
+            return
+        if now <= self.stop_deadline:
             return
         if self.killed_at_deadline:
             self.log.error("workers %s survive SIGKILL; giving up on them",
@@ -366,8 +372,8 @@ class Master:
                    for w in self.registry]
         self.write_state(self.state_path, render(
             self.name, os.getpid(), self.router.name, [str(b) for b in self.cfg.bind],
-            self.highest_generation, self.serial,
-            self.slot_count, workers))
+            self.highest_generation, self.serial, self.slot_count, workers,
+            self.cfg.graceful_timeout))
 
     def status(self) -> dict:
         now = self.clock()

@@ -6,12 +6,16 @@ signals meanwhile. So tables are written from one background thread, one at a
 time, newest first: a table still queued when a newer one comes is never
 written. A failed write leaves the kernel's previous routes in force (every
 backend writes in one transaction) and is retried with a growing delay.
-Once the routes are removed (the master is stopping) nothing re-installs them.
+
+Stopping takes two writes: `drain()` routes nothing new but keeps established
+connections translated while the workers finish them, `remove()` takes the
+rules out once they are gone. Once draining, nothing re-installs routes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import socket
 import threading
 from typing import Callable
@@ -22,9 +26,17 @@ from ipserve.routing import RouteError, Router
 Table = dict[int, int]   # slot -> port
 
 
+class Op(enum.Enum):
+    DRAIN = "drain"          # route nothing new; keep established connections translated
+    REMOVE = "remove"        # take our rules out
+
+
+Write = Table | Op
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
-    table: Table | None      # None: the routes were removed
+    write: Write
     error: str | None
 
 
@@ -37,7 +49,7 @@ class RouteWriter:
         self.wakeup = wakeup
         self.threaded = threaded
         self._cond = threading.Condition()
-        self._pending: list[Table | None] = []   # at most one: the newest
+        self._pending: list[Write] = []   # at most one: the newest
         self._running = False
         self._results: list[Result] = []
         self._closed = False
@@ -51,13 +63,13 @@ class RouteWriter:
         with self._cond:
             return not self._pending and not self._running
 
-    def submit(self, table: Table | None) -> None:
-        """Queue `table` (None: remove every route), replacing anything queued."""
+    def submit(self, write: Write) -> None:
+        """Queue a table (or a drain, or the removal), replacing anything queued."""
         if not self.threaded:
-            self._results.append(self._write(table))
+            self._results.append(self._write(write))
             return
         with self._cond:
-            self._pending = [table]
+            self._pending = [write]
             self._cond.notify()
 
     def results(self) -> list[Result]:
@@ -73,17 +85,19 @@ class RouteWriter:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _write(self, table: Table | None) -> Result:
+    def _write(self, write: Write) -> Result:
         try:
-            if table is None:
+            if write is Op.REMOVE:
                 self.router.remove()
+            elif write is Op.DRAIN:
+                self.router.drain()
             else:
-                self.router.apply(table)
-            return Result(table, None)
+                self.router.apply(write)
+            return Result(write, None)
         except RouteError as exc:
-            return Result(table, str(exc))
+            return Result(write, str(exc))
         except Exception as exc:   # a tool that timed out, a library error: still "not written"
-            return Result(table, f"{type(exc).__name__}: {exc}")
+            return Result(write, f"{type(exc).__name__}: {exc}")
 
     def _run(self) -> None:
         while True:
@@ -92,9 +106,9 @@ class RouteWriter:
                     self._cond.wait()
                 if not self._pending:
                     return
-                table = self._pending.pop()
+                write = self._pending.pop()
                 self._running = True
-            result = self._write(table)
+            result = self._write(write)
             with self._cond:
                 self._results.append(result)
                 self._running = False
@@ -108,7 +122,8 @@ class RouteWriter:
 class Routes:
     """The master's view of routing: the table it wants, the table the kernel
     holds (`installed`; None until our first write, when a previous master's
-    rules may still be in force), and the retry schedule of failed writes."""
+    rules may still be in force; {} once draining), and the retry schedule of
+    failed writes."""
 
     def __init__(self, writer: RouteWriter, clock: Callable[[], float]):
         self.writer = writer
@@ -116,31 +131,41 @@ class Routes:
         self.wanted: Table | None = None
         self.installed: Table | None = None
         self.in_flight = False
+        self.draining = False       # stopping: nothing new is ever routed again
         self.removed = False
         self.error: str | None = None
         self.failures = 0
         self.retry_at = 0.0
 
     def want(self, table: Table) -> None:
-        if not self.removed:
+        if not self.draining:
             self.wanted = dict(table)
 
     def step(self) -> None:
         """Start the next write if one is due."""
-        if (self.removed or self.in_flight or self.wanted is None
+        if (self.draining or self.in_flight or self.wanted is None
                 or self.wanted == self.installed or self.clock() < self.retry_at):
             return
         self.in_flight = True
         self.writer.submit(dict(self.wanted))
 
-    def remove(self) -> None:
-        """Take our rules out; nothing is installed again after this."""
-        if self.removed:
+    def drain(self) -> None:
+        """Route nothing new from now on; established connections keep going."""
+        if self.draining:
             return
-        self.removed = True
+        self.draining = True
         self.wanted = None
         self.in_flight = True
-        self.writer.submit(None)
+        self.writer.submit(Op.DRAIN)
+
+    def remove(self) -> None:
+        """Take our rules out (once nothing is left to drain)."""
+        if self.removed:
+            return
+        self.draining = self.removed = True
+        self.wanted = None
+        self.in_flight = True
+        self.writer.submit(Op.REMOVE)
 
     def collect(self) -> list[Result]:
         """Results of finished writes, applied to our view; returned for logging."""
@@ -148,7 +173,8 @@ class Routes:
         for result in results:
             self.in_flight = False
             if result.error is None:
-                self.installed = result.table
+                self.installed = (None if result.write is Op.REMOVE else
+                                  {} if result.write is Op.DRAIN else result.write)
                 self.error = None
                 self.failures = 0
                 self.retry_at = 0.0

@@ -9,7 +9,7 @@ import random
 import selectors
 
 from ipserve.config import Config
-from ipserve.master import policy, settle, slottable
+from ipserve.master import policy, slottable
 from ipserve.master.registry import WorkerRecord
 from ipserve.master.slottable import Slot
 from ipserve.master.sockets import Listeners

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ipserve.messages import BadMessage, integer, text
+from ipserve.messages import BadMessage, integer, number, text
 
 VERSION = 1
 STATES = ("booting", "ready", "active", "retiring", "hung", "killed")
@@ -45,12 +45,15 @@ class Recorded:
     serial: int
     slots: int
     workers: tuple[RecordedWorker, ...]
+    graceful_timeout: float = 30.0    # how long its workers take to finish on TERM
 
 
 def render(name: str, master_pid: int, router: str, binds: list[str], generation: int,
-           serial: int, slots: int, workers: list[RecordedWorker]) -> dict[str, Any]:
+           serial: int, slots: int, workers: list[RecordedWorker],
+           graceful_timeout: float = 30.0) -> dict[str, Any]:
     return {"version": VERSION, "name": name, "master_pid": master_pid, "router": router,
             "binds": binds, "generation": generation, "serial": serial, "slots": slots,
+            "graceful_timeout": graceful_timeout,
             "workers": [dataclasses.asdict(w) | {"inodes": list(w.inodes)} for w in workers]}
 
 
@@ -88,4 +91,6 @@ def parse(data: dict) -> Recorded:
                     router=text(data, "router", 16), binds=tuple(binds),
                     generation=integer(data, "generation", 1, 1 << 40),
                     serial=integer(data, "serial", 0, 1 << 40),
-                    slots=integer(data, "slots", 1, 1 << 16), workers=tuple(workers))
+                    slots=integer(data, "slots", 1, 1 << 16), workers=tuple(workers),
+                    graceful_timeout=number(data, "graceful_timeout", 0.0, 1e6,
+                                            required=False) or 30.0)

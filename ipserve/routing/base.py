@@ -84,6 +84,10 @@ class Router:
     def apply(self, table: dict[int, int]) -> None:
         raise NotImplementedError
 
+    def drain(self) -> None:
+        """Route no new connection, but keep established ones translated (a
+        graceful stop: the workers finish what they hold). Atomic like apply."""
+
     def remove(self) -> None:
         raise NotImplementedError
 

@@ -31,17 +31,26 @@ def jump_rule(hook: str, chain: str) -> str:
     return f"-A {hook} -m addrtype --dst-type LOCAL -j {chain}"
 
 
-def render_chain(instance: str, binds: Sequence[Bind], family: int, table: dict[int, int],
+# Draining (a graceful stop): nothing new is redirected, and a rule that uses
+# conntrack keeps established redirected connections translated (without any,
+# the kernel stops tracking them and they are cut; see routing/nft.py).
+DRAIN_RULE = "-m conntrack --ctstate ESTABLISHED -j RETURN"
+
+
+def render_chain(instance: str, binds: Sequence[Bind], family: int, table: dict[int, int] | None,
                  existing_jumps: Sequence[str]) -> str:
-    """iptables-restore input that rewrites our chain and adds missing jumps."""
+    """iptables-restore input that rewrites our chain (table None: draining)
+    and adds missing jumps."""
     chain = chain_name(instance)
     _, addr = TOOLS[family]
-    slot_mask = addr(mask(len(table)))
     lines = ["*nat", f":{chain} - [0:0]"]
-    for b in binds:
+    if table is None:
+        lines.append(f"-A {chain} {DRAIN_RULE}")
+    for b in binds if table is not None else ():
         if b.family != family:
             continue
         dst = "" if b.is_wildcard else f" -d {b.host}"
+        slot_mask = addr(mask(len(table)))
         for slot, port in sorted(table.items()):
             lines.append(f"-A {chain} -p tcp -m tcp --dport {b.port}{dst} "
                          f"-s {addr(slot)}/{slot_mask} -j REDIRECT --to-ports {port}")
@@ -93,11 +102,14 @@ class IptablesRouter(Router):
         if result.returncode != 0:
             raise RouteError(f"{TOOLS[family][0]}-restore rejected the rules: {result.stderr.strip()}")
 
-    def apply(self, table: dict[int, int]) -> None:
+    def apply(self, table: dict[int, int] | None) -> None:
         chain = chain_name(self.instance)
         for family in self.families():
             jumps = jumps_in(self._listing(family), chain)
             self._restore(family, render_chain(self.instance, self.binds, family, table, jumps))
+
+    def drain(self) -> None:
+        self.apply(None)
 
     def remove(self) -> None:
         chain = chain_name(self.instance)

@@ -397,18 +397,42 @@ class IptcRouter(Router):
                                         f"rules ({exc}): {hint}") from None
 
     def apply(self, table: dict[int, int]) -> None:
+        try:
+            specs = redirect_rules(self.binds, self._family(), table)
+        except (RouterUnavailable, ValueError) as exc:
+            raise RouteError(f"iptc: {exc}") from None
+        self._rewrite(lambda iptc, family: self._redirect_entries(iptc, specs))
+
+    def drain(self) -> None:
+        # Nothing new is redirected; a conntrack rule keeps the established
+        # redirected connections translated (see routing/iptables.py).
+        self._rewrite(lambda iptc, family: [self._drain_entry(iptc, family)])
+
+    def _drain_entry(self, iptc: Any, family: int) -> Any:
+        import ctypes  # noqa: PLC0415
+
+        rule = self._new_rule(iptc, family)
+        match = rule.create_match("conntrack")
+        match.ctstate = "ESTABLISHED"
+        rule.create_target("RETURN")
+        rule.final_check()
+        raw = bytes(rule.rule)
+        return (ctypes.c_ubyte * len(raw)).from_buffer_copy(raw)
+
+    def _rewrite(self, build_entries) -> None:
+        """Chain IPS-<instance> holds exactly the entries `build_entries`
+        makes, with one jump from each hook: one commit, or nothing changes."""
         chain = chain_name(self.instance)
         try:
             iptc = _import_iptc()
             family = self._family()
-            specs = redirect_rules(self.binds, family, table)
         except (RouterUnavailable, ValueError) as exc:
             raise RouteError(f"iptc: {exc}") from None
         with _lock:
             # Build every rule before touching the table: an extension that
             # rejects a value fails here.
             try:
-                entries = self._redirect_entries(iptc, specs)
+                entries = build_entries(iptc, family)
                 jump = self._build_jump(iptc, family, chain)
             except Exception as exc:  # noqa: BLE001
                 raise RouteError(f"iptc: cannot build the rules of chain {chain}, previous "

@@ -33,25 +33,37 @@ def render_remove(instance: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def render_table(instance: str, binds: Sequence[Bind], table: dict[int, int]) -> str:
-    """The nft script that replaces our tables with ones routing `table`."""
+# While draining (a graceful stop), no new connection is redirected, but the
+# established ones must stay translated: a rule that uses conntrack keeps the
+# kernel tracking (and un-NATing) them. With no such rule left in the network
+# namespace, conntrack stops and every redirected connection is cut (measured).
+DRAIN_RULE = "    ct state established accept"
+
+
+def render_table(instance: str, binds: Sequence[Bind], table: dict[int, int] | None) -> str:
+    """The nft script that replaces our tables with ones routing `table`
+    (None: draining, routing nothing new)."""
     script = render_remove(instance)
-    slot_mask = mask(len(table))
     for family in sorted({b.family for b in binds}):
         fam, key_type, addr = FAMILIES[family]
-        elements = ", ".join(f"{addr(slot)} : {port}" for slot, port in sorted(table.items()))
-        rules = []
-        for b in binds:
-            if b.family != family:
-                continue
-            dst = "fib daddr type local" if b.is_wildcard else f"{fam} daddr {b.host}"
-            rules.append(f"    {dst} tcp dport {b.port} redirect to :{fam} saddr & "
-                         f"{addr(slot_mask)} map @slots")
-        rules_text = "\n".join(rules)
+        if table is None:
+            rules_text, slot_map = DRAIN_RULE, ""
+        else:
+            slot_mask = mask(len(table))
+            elements = ", ".join(f"{addr(slot)} : {port}" for slot, port in sorted(table.items()))
+            slot_map = (f"  map slots {{\n    type {key_type} : inet_service\n"
+                        f"    elements = {{ {elements} }}\n  }}\n")
+            rules = []
+            for b in binds:
+                if b.family != family:
+                    continue
+                dst = "fib daddr type local" if b.is_wildcard else f"{fam} daddr {b.host}"
+                rules.append(f"    {dst} tcp dport {b.port} redirect to :{fam} saddr & "
+                             f"{addr(slot_mask)} map @slots")
+            rules_text = "\n".join(rules)
         script += (
             f"table {fam} {table_name(instance)} {{\n"
-            f"  map slots {{\n    type {key_type} : inet_service\n"
-            f"    elements = {{ {elements} }}\n  }}\n"
+            f"{slot_map}"
             # Remote clients arrive through prerouting; local clients connecting
             # to a local address go through output.
             f"  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n"
@@ -81,6 +93,9 @@ class NftRouter(Router):
 
     def apply(self, table: dict[int, int]) -> None:
         self._load(render_table(self.instance, self.binds, table))
+
+    def drain(self) -> None:
+        self._load(render_table(self.instance, self.binds, None))
 
     def remove(self) -> None:
         self._load(render_remove(self.instance))

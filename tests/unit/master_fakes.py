@@ -44,6 +44,7 @@ class FakeRouter:
 
     def __init__(self) -> None:
         self.applied: list[dict[int, int]] = []
+        self.drained = 0
         self.removed = 0
         self.failures_left = 0
         self.explode = None        # an exception to raise from apply (not a RouteError)
@@ -56,13 +57,18 @@ class FakeRouter:
             raise RouteError("xtables lock held by another process")
         self.applied.append(dict(table))
 
+    def drain(self) -> None:
+        self.drained += 1
+
     def remove(self) -> None:
         self.removed += 1
 
     @property
     def kernel(self) -> dict[int, int] | None:
-        """What the kernel would route now."""
-        return None if not self.applied or self.removed else self.applied[-1]
+        """What the kernel would route now ({} while draining)."""
+        if self.removed or not self.applied:
+            return None
+        return {} if self.drained else self.applied[-1]
 
     def describe(self) -> dict:
         return {"router": self.name}

@@ -25,6 +25,9 @@ class SlowRouter:
             raise RouteError("locked")
         self.applied.append(table)
 
+    def drain(self):
+        self.applied.append("drain")
+
     def remove(self):
         self.applied.append(None)
 
@@ -80,16 +83,19 @@ def test_failures_keep_the_installed_table_and_back_off():
     assert routes.installed == {0: 1} and routes.error is None and routes.failures == 0
 
 
-def test_removed_routes_are_never_installed_again():
+def test_once_draining_nothing_is_routed_again():
     router = SlowRouter()
     router.release.set()
     routes = Routes(RouteWriter(router, threaded=False), Clock())
     routes.want({0: 1})
     routes.step()
     routes.collect()
-    routes.remove()
+    routes.drain()
     routes.collect()
+    assert routes.installed == {}
     routes.want({0: 2})
     routes.step()
     routes.collect()
-    assert router.applied == [{0: 1}, None]
+    routes.remove()
+    routes.collect()
+    assert router.applied == [{0: 1}, "drain", None] and routes.installed is None
