@@ -88,7 +88,7 @@ class Reload:
                 "state": self.outcome.value, "reason": self.reason, "error": self.error,
                 "failed_worker": self.failed_worker, "started": self.started_wall,
                 "finished": self.finished_wall, "seconds": self.seconds,
-                "booted": sum(1 for w in self.successors.values() if w.state is WorkerState.READY),
+                "booted": sum(1 for w in self.successors.values() if w.ready_at is not None),
                 "targets": len(self.targets)}
 
 

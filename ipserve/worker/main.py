@@ -348,6 +348,9 @@ class Worker:
                 sock.connect(self.spec["control"])
                 if peer_of(sock).uid in (self.spec["master_uid"], 0):
                     sock.sendall(encode({"type": "boot-failed", "error": error[:2000]}))
+                    # The master closes once it has read it: exiting before
+                    # that could let it see the exit first, without the why.
+                    sock.recv(1)
         except OSError:
             pass
 
