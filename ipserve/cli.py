@@ -15,13 +15,13 @@ import sys
 
 import ipserve
 from ipserve import config, users
-from ipserve.errors import USAGE_ERROR, UsageError
+from ipserve.errors import USAGE_ERROR, ArgumentParser, UsageError
 
 from ipserve.app import CHECK_REPORT
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="ipserve",
         description="Pre-fork gevent WSGI server that pins every client to one worker "
                     "by the low bits of its IP address.",

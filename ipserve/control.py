@@ -92,7 +92,11 @@ class LineReader:
 # ---------------------------------------------------------------- client side
 
 class ControlUnavailable(Exception):
-    """No master answers on the socket; the message is one line for the user."""
+    """The master cannot be reached; the message is one line for the user."""
+
+
+class NoMaster(ControlUnavailable):
+    """Nobody listens on the socket: no master is running."""
 
 
 def connect(path: str, timeout: float) -> socket.socket:
@@ -102,7 +106,7 @@ def connect(path: str, timeout: float) -> socket.socket:
         sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         sock.close()
-        raise ControlUnavailable(f"no master is listening on {path} ({exc.strerror})") from None
+        raise NoMaster(f"no master is listening on {path} ({exc.strerror})") from None
     except PermissionError:
         sock.close()
         raise ControlUnavailable(f"permission denied on {path}: only root and the user that "

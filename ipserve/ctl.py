@@ -13,7 +13,7 @@ import json
 import sys
 
 from ipserve import config, control, names, orphans, runtime, status
-from ipserve.errors import USAGE_ERROR, UsageError
+from ipserve.errors import USAGE_ERROR, ArgumentParser, UsageError
 
 TIMEOUT = 10.0
 
@@ -23,7 +23,7 @@ class Failed(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ipservectl", description="Control a running ipserve.")
+    parser = ArgumentParser(prog="ipservectl", description="Control a running ipserve.")
     parser.add_argument("-n", "--name", default="ipserve-8000",
                         help="Instance name (ipserve's -n/--name). Default: ipserve-8000.")
     parser.add_argument("--runtime-dir", default=None,
@@ -89,11 +89,13 @@ def run(argv: list[str] | None) -> int:
         return 0
     try:
         reply = ask(path, name, args.command, args.timeout)
-    except control.ControlUnavailable as exc:
+    except control.NoMaster as exc:
         if args.command != "stop":
             raise Failed(f"{name}: {exc}") from None
         print(clean_up(runtime_dir, name, None, all_backends=False) + " (no master was running)")
         return 0
+    except control.ControlUnavailable as exc:   # permission denied, a timeout on connect
+        raise Failed(f"{name}: {exc}") from None
     if args.command == "status":
         print(json.dumps(reply, indent=2) if args.json else status.render_table(reply))
     else:

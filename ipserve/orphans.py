@@ -52,9 +52,19 @@ def routers(name: str, recorded: state.Recorded | None, binds: list[str] | None,
     bind_list = config.parse_binds(
         binds or (list(recorded.binds) if recorded else ["0.0.0.0:8000", "[::]:8000"]))
     kinds = routing.AUTO_ORDER if all_backends or recorded is None else [recorded.router]
-    # reuseport leaves nothing in the kernel that outlives its sockets.
-    return [routing.backend_class(kind)(name, bind_list) for kind in kinds
-            if kind in routing.AUTO_ORDER]
+    out = []
+    for kind in kinds:
+        if kind not in routing.AUTO_ORDER:
+            continue      # reuseport leaves nothing in the kernel that outlives its sockets
+        if kind == "iptc":
+            # python-iptables handles one address family per process (loading
+            # the other's extensions makes libxtables exit): the first one.
+            first = min(b.family for b in bind_list)
+            out.append(routing.backend_class(kind)(name, [b for b in bind_list
+                                                           if b.family == first]))
+            continue
+        out.append(routing.backend_class(kind)(name, bind_list))
+    return out
 
 
 def stop_workers(recorded: state.Recorded | None, progress) -> tuple[list[int], list[int]]:
@@ -110,13 +120,14 @@ def clean(runtime_dir: str, name: str, binds: list[str] | None, all_backends: bo
             try:
                 router.check()
                 usable.append(router)
-            except routing.RouterUnavailable as exc:
-                done.rule_errors.append(f"{router.name}: {exc}")
-        for router in usable:
-            try:
-                router.drain()     # nothing new; what the workers hold stays connected
-            except routing.RouteError as exc:
-                done.rule_errors.append(f"{router.name}: {exc}")
+            except routing.RouterUnavailable:
+                pass               # not installed or not usable here: it wrote nothing either
+        if recorded is not None and recorded.workers:
+            for router in usable:
+                try:
+                    router.drain()     # nothing new; what the workers hold stays connected
+                except routing.RouteError as exc:
+                    done.rule_errors.append(f"{router.name}: {exc}")
         done.workers_stopped, done.workers_killed = stop_workers(recorded, progress)
         for router in usable:
             try:

@@ -30,10 +30,10 @@ def adopt(master, recorded: Recorded) -> bool:
     master.serial = recorded.serial
     alive = [(entry, process) for entry in recorded.workers
              if (process := master.spawner.attach(entry.pid, entry.start_time)) is not None]
-    master.log.info("previous master pid %d recorded %d worker(s); %d still run",
-                    recorded.master_pid, len(recorded.workers), len(alive))
     if not alive:
         return False
+    master.log.info("previous master pid %d recorded %d worker(s); %d still run",
+                    recorded.master_pid, len(recorded.workers), len(alive))
     master.slots = [Slot(i) for i in range(recorded.slots)]
     for entry, process in alive:
         if entry.state not in ("active", "retiring"):

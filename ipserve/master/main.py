@@ -91,12 +91,6 @@ def serve(cfg: Config, worker_rss: int | None) -> int:
                                 socket_path, cfg.name, log)
     try:
         recorded = read_recorded(state_path, log)
-        log.info("ipserve %s: %s", __import__("ipserve").__version__, why)
-        if router.describe().get("note"):
-            log.info("router %s: %s", router.name, router.describe()["note"])
-        if cfg.user is None and os.geteuid() == 0:
-            log.warning("workers run as root (without capabilities): set user = \"...\" so that "
-                        "application code cannot command the master")
         sockets = for_router(router, cfg.bind, cfg.backlog)
         master = Master(cfg, router, sockets, Spawner(cfg.user, cfg.group), log,
                         state_path=state_path, control_owner=worker_ids,
@@ -110,6 +104,13 @@ def serve(cfg: Config, worker_rss: int | None) -> int:
                 master.close()
                 raise UsageError(str(exc)) from None
             log.error("%s; serving without reserving the public address", exc)
+        # Every refusal is behind us: from here on, the log tells the story.
+        log.info("ipserve %s: %s", __import__("ipserve").__version__, why)
+        if router.describe().get("note"):
+            log.info("router %s: %s", router.name, router.describe()["note"])
+        if cfg.user is None and os.geteuid() == 0:
+            log.warning("workers run as root (without capabilities): set user = \"...\" so that "
+                        "application code cannot command the master")
         try:
             import setproctitle
             setproctitle.setproctitle(f"ipserve: master [{cfg.name}]")

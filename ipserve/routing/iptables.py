@@ -109,7 +109,14 @@ class IptablesRouter(Router):
             self._restore(family, render_chain(self.instance, self.binds, family, table, jumps))
 
     def drain(self) -> None:
-        self.apply(None)
+        # Only a chain of ours that exists: restoring into a nat table that
+        # has none would create iptables' base chains where there were none.
+        chain = chain_name(self.instance)
+        for family in self.families():
+            listing = self._listing(family)
+            if f"-N {chain}" in listing.splitlines():
+                self._restore(family, render_chain(self.instance, self.binds, family, None,
+                                                   jumps_in(listing, chain)))
 
     def remove(self) -> None:
         chain = chain_name(self.instance)

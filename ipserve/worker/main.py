@@ -327,6 +327,7 @@ class Worker:
         self.phase = Phase.STOPPING
         self.log.info("stopping: %d connection(s) may finish within %gs", self.connections(), timeout)
         for server in self.servers:
+            server.retiring = True      # keep-alive clients get Connection: close
             server.close()
         deadline = time.monotonic() + timeout
         while self.connections() and time.monotonic() < deadline:

@@ -25,7 +25,7 @@ import pytest
 
 import netns
 from backends import backend_unavailable, routed_workers, slot_of, which
-from netns import HttpClient, call_in, http_json
+from netns import HttpClient, call_in, http_json, tcp_connect
 
 PORT = 8000
 WORKERS = 2
@@ -44,17 +44,25 @@ def _nft():
         pytest.skip(why)
 
 
-def ctl(ns: str, runtime_dir: str, name: str, *cmd: str, uid: int | None = None,
-        timeout: float = 60) -> subprocess.CompletedProcess:
-    """``ipservectl -n NAME --runtime-dir DIR <cmd>`` in `ns` (as `uid`, if given)."""
+def ctl_argv(runtime_dir: str, name: str, *cmd: str, uid: int | None = None) -> list[str]:
     # `--name=-x`: argparse would read `-n -x` as a missing argument.
     named = [f"--name={name}"] if name.startswith("-") else ["-n", name]
-    argv = [*netns.setpriv_argv(uid), sys.executable, "-m", "ipserve.ctl", *named,
+    return [*netns.setpriv_argv(uid), sys.executable, "-m", "ipserve.ctl", *named,
             "--runtime-dir", runtime_dir, *cmd]
+
+
+def ctl_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IPSERVE_")}
     env["PYTHONPATH"] = netns.REPO_ROOT
-    return subprocess.run(netns.netns_argv(ns, argv), capture_output=True, text=True,
-                          timeout=timeout, cwd=netns.REPO_ROOT, env=env)
+    return env
+
+
+def ctl(ns: str, runtime_dir: str, name: str, *cmd: str, uid: int | None = None,
+        timeout: float = 90) -> subprocess.CompletedProcess:
+    """``ipservectl -n NAME --runtime-dir DIR <cmd>`` in `ns` (as `uid`, if given)."""
+    return subprocess.run(netns.netns_argv(ns, ctl_argv(runtime_dir, name, *cmd, uid=uid)),
+                          capture_output=True, text=True, timeout=timeout, cwd=netns.REPO_ROOT,
+                          env=ctl_env())
 
 
 def lines(text: str) -> list[str]:
@@ -151,7 +159,7 @@ BAD_NAMES = {
 
 @pytest.mark.parametrize("case", list(BAD_NAMES))
 def test_bad_name_refused_before_anything(testbed, case):
-    """A bad -n is refused by ipservectl (every command) and ipserve with exit 2 and one line, and nothing it could name is touched."""
+    """A bad -n: ipservectl and ipserve exit 2 with one line, and nothing it could name is touched."""
     tb = testbed
     name = BAD_NAMES[case]
     # Bait: an unrelated nft table, and files the traversal would reach.
@@ -194,7 +202,7 @@ def test_bad_name_refused_before_anything(testbed, case):
 # --------------------------------------------------------------------------- #
 
 def test_hung_master_status_times_out_with_one_line(testbed, ipserve):
-    """With the master SIGSTOPped, `ipservectl --timeout 2 status` exits 1 with one line saying it did not answer, and `cleanup` exits 2 touching nothing."""
+    """Master SIGSTOPped: `--timeout 2 status` exits 1 with one line; `cleanup` exits 2, touching nothing."""
     tb = testbed
     srv, table = serve(ipserve)
     before = nft_objects(tb.server_ns)
@@ -245,13 +253,11 @@ def assert_unchanged(tb, srv, table, generation: int) -> None:
 @pytest.mark.parametrize("reach", ["socket-unreachable", "socket-reachable"])
 def test_unprivileged_caller_gets_one_line_and_changes_nothing(testbed, ipserve,
                                                                nobody_can_run_python, reach):
-    """ipservectl as uid 65534 against a root master: exit 1 and one "permission denied" line per command, and the master goes on unchanged."""
+    """ipservectl as uid 65534 against a root master: exit 1, one "permission denied" line, no change."""
     tb = testbed
     srv, table = serve_for_nobody(tb, ipserve, reach)
     generation = srv.status()["master"]["generation"]
-    commands = ["status", "reload", "kill-retired"]
-    if reach == "socket-reachable":
-        commands.append("stop")      # unreachable: see the xfail test below
+    commands = ["status", "reload", "kill-retired", "stop"]
     for cmd in commands:
         line = assert_one_error_line(ctl(tb.server_ns, srv.runtime_dir, srv.name, cmd, uid=NOBODY), 1)
         assert "permission denied" in line.lower(), (cmd, line)
@@ -259,13 +265,9 @@ def test_unprivileged_caller_gets_one_line_and_changes_nothing(testbed, ipserve,
     assert srv.stop(timeout=60) == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ipservectl stop takes every ControlUnavailable, 'permission denied' included, for 'no "
-    "master running' and tries the orphan clean-up, which fails on the runtime directory: "
-    "exit 2 and a misleading line instead of exit 1 'permission denied'"))
 def test_unprivileged_stop_of_unreachable_master_is_permission_denied(testbed, ipserve,
                                                                        nobody_can_run_python):
-    """`ipservectl stop` as uid 65534, socket unreachable: exit 1, one "permission denied" line, the master unchanged."""
+    """`ipservectl stop` as uid 65534, socket unreachable: exit 1, one "permission denied" line."""
     tb = testbed
     srv, table = serve_for_nobody(tb, ipserve, "socket-unreachable")
     generation = srv.status()["master"]["generation"]
@@ -279,125 +281,114 @@ def test_unprivileged_stop_of_unreachable_master_is_permission_denied(testbed, i
 # Orphans: the master is gone, its workers and rules are not
 # --------------------------------------------------------------------------- #
 
-RULES_REMOVED_FIRST = (
-    "orphans.clean() removes the NAT rules before the orphaned workers finish; with the "
-    "namespace's last NAT rule gone the kernel stops translating established connections, "
-    "so the response to a held request never reaches the client")
-
-
-def kill_master_holding(tb, srv, holder: int) -> HttpClient:
-    """A keep-alive connection served by worker `holder`, then SIGKILL of the master."""
-    src = next(ip for ip in tb.client_ips if slot_of(ip, WORKERS) == 0)
-    client = HttpClient(tb.client_ns, src, tb.server_ip, PORT, timeout=15)
+def keepalive_client(tb, worker: dict) -> HttpClient:
+    """A keep-alive connection from an address of the worker's slot, used once."""
+    src = next(ip for ip in tb.client_ips if slot_of(ip, WORKERS) == worker["slot"])
+    client = HttpClient(tb.client_ns, src, tb.server_ip, PORT, timeout=30)
     try:
-        assert client.json("/")["pid"] == holder
-        srv.kill_master()
+        assert client.json("/")["pid"] == worker["pid"]
     except BaseException:
         client.close()
         raise
-    assert ("ip", f"ipserve_{srv.name}") in nft_tables(tb.server_ns)
-    assert files_of(srv.runtime_dir, srv.name) == {"sock", "pid", "state"}
     return client
 
 
-def clean_up_orphans(tb, srv, cmd: str) -> str:
-    """`ipservectl stop|cleanup` with the master gone: exit 0, one line, no
-    rules and no files left. Returns the line."""
-    proc = ctl(tb.server_ns, srv.runtime_dir, srv.name, cmd)
-    what = f"exit {proc.returncode}, stdout {proc.stdout!r}, stderr {proc.stderr!r}"
-    assert proc.returncode == 0, what
-    assert len(lines(proc.stdout)) == 1 and lines(proc.stderr) == [], what
-    assert ("ip", f"ipserve_{srv.name}") not in nft_tables(tb.server_ns)
-    assert f"IPS-{srv.name}" not in iptables_nat(tb.server_ns)
-    assert files_of(srv.runtime_dir, srv.name) == set()
-    return lines(proc.stdout)[0]
+def nft_table_text(ns: str, table: str) -> str | None:
+    """JSON text of everything in nft table `table` (family ip), None if there is none."""
+    def owner(obj: dict) -> str | None:
+        (kind, body), = obj.items()
+        return body.get("name") if kind == "table" else body.get("table")
+    objs = [o for o in nft_objects(ns) if owner(o) == table]
+    return json.dumps(objs) if objs else None
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("cmd", ["stop", "cleanup"])
-def test_orphans_stopped_and_rules_removed(testbed, ipserve, cmd):
-    """After SIGKILL of the master, `ipservectl stop|cleanup` SIGTERMs both orphaned workers (one holding a keep-alive client), removes the table and the files."""
+def test_orphans_finish_what_they_hold_then_rules_and_files_go(testbed, ipserve, cmd):
+    """Master SIGKILLed: stop|cleanup lets the orphans finish what they hold, then removes rules and files."""
     tb = testbed
-    srv, table = serve(ipserve, extra=["--graceful-timeout", "5"])
-    pids = [w["pid"] for w in table.values()]
-    fds = [os.pidfd_open(pid) for pid in pids]
-    try:
-        client = kill_master_holding(tb, srv, table[0]["pid"])
-        try:
-            assert not any(netns._pidfd_exited(fd) for fd in fds), "a worker died with its master"
-            # Its socket file is still there, nobody listens on it.
-            assert_one_error_line(ctl(tb.server_ns, srv.runtime_dir, srv.name, "status"), 1,
-                                  srv.name)
-            line = clean_up_orphans(tb, srv, cmd)
-            assert srv.name in line and f"stopped {len(pids)} orphaned worker" in line, line
-            # Orphans finish what they hold (at most graceful_timeout), then exit.
-            assert not netns._wait_pidfds(fds, 60), "an orphaned worker did not exit"
-        finally:
-            client.close()
-    finally:
-        for fd in fds:
-            os.close(fd)
-    assert netns.ns_pids(tb.server_ns) == []
-
-
-@pytest.mark.parametrize("other_nat", [
-    pytest.param(False, id="alone", marks=pytest.mark.xfail(strict=True, reason=RULES_REMOVED_FIRST)),
-    pytest.param(True, id="beside-another-nat-rule")])
-@pytest.mark.parametrize("cmd", ["stop", "cleanup"])
-def test_orphan_finishes_held_request_after_ctl(testbed, ipserve, cmd, other_nat):
-    """An orphaned worker SIGTERMed by `ipservectl stop|cleanup` answers the request it holds, then exits."""
-    tb = testbed
-    if other_nat:
-        # Someone else's NAT rule (for an address nobody uses) keeps the kernel
-        # translating established connections after ipserve's table is gone:
-        # this case isolates the xfail above to the order of clean-up.
-        call_in(tb.server_ns, [which("nft"), "-f", "-"], input=(
-            "table ip other {\n  chain post {\n    type nat hook postrouting priority srcnat;\n"
-            "    ip daddr 192.0.2.99 masquerade\n  }\n}\n"))
-    srv, table = serve(ipserve, app=HOLD_APP)
-    holder = table[0]["pid"]
+    srv, table = serve(ipserve, app=HOLD_APP, extra=["--graceful-timeout", "30"])
+    pids = {slot: w["pid"] for slot, w in table.items()}
+    fds = {slot: os.pidfd_open(pid) for slot, pid in pids.items()}
     flag = os.path.join(srv.workdir, "release")
-    fd = os.pidfd_open(holder)
-    client = None
+    clients: list[HttpClient] = []
     result: dict = {}
-
-    def held_request() -> None:
-        try:
-            result["answer"] = client.request(f"/hold?f={flag}")
-        except Exception as exc:        # noqa: BLE001 - reported below
-            result["answer"] = exc
-
-    thread = threading.Thread(target=held_request, daemon=True)
+    thread = None
+    proc = None
     try:
-        client = kill_master_holding(tb, srv, holder)
+        clients = [keepalive_client(tb, table[0]), keepalive_client(tb, table[1])]
+        holding, idle = clients
+
+        def held_request() -> None:
+            try:
+                result["answer"] = holding.request(f"/hold?f={flag}")
+            except Exception as exc:        # noqa: BLE001 - reported below
+                result["answer"] = exc
+
+        thread = threading.Thread(target=held_request, daemon=True)
         thread.start()
-        deadline = time.monotonic() + 30
-        while not os.path.exists(flag + ".started") and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert os.path.exists(flag + ".started"), f"the held request never reached the app: {result}"
-        clean_up_orphans(tb, srv, cmd)
-        # SIGTERMed, it stays while it holds the request...
-        assert "answer" not in result and not netns._pidfd_exited(fd)
+        wait_until(lambda: os.path.exists(flag + ".started"), 30, "the held request in the app")
+        srv.kill_master()
+        assert not any(netns._pidfd_exited(fd) for fd in fds.values()), "a worker died with its master"
+        # The socket file is still there; nobody listens on it.
+        assert_one_error_line(ctl(tb.server_ns, srv.runtime_dir, srv.name, "status"), 1, srv.name)
+        table_name = f"ipserve_{srv.name}"
+        routed = nft_table_text(tb.server_ns, table_name)
+        assert routed is not None and "redirect" in routed
+
+        proc = subprocess.Popen(netns.netns_argv(tb.server_ns, ctl_argv(
+            srv.runtime_dir, srv.name, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, cwd=netns.REPO_ROOT, env=ctl_env())
+        # Drained: the table stays (established connections stay translated)
+        # but redirects nothing new; a new connection is refused at once.
+        wait_until(lambda: "redirect" not in (nft_table_text(tb.server_ns, table_name) or "redirect"),
+                   30, "the drained table")
+        with pytest.raises(ConnectionRefusedError):
+            tcp_connect(tb.client_ns, tb.client_ips[2], tb.server_ip, PORT, timeout=15).close()
+        # The idle keep-alive ends: its worker exits. The other still holds a request.
+        idle.close()
+        assert not netns._wait_pidfds([fds[1]], 60), "the orphan of slot 1 did not exit"
+        assert proc.poll() is None and not netns._pidfd_exited(fds[0]) and "answer" not in result
         with open(flag, "w"):
             pass
         thread.join(30)
-        # ... answers it, and exits once the client is gone.
         assert isinstance(result.get("answer"), tuple), f"the held request failed: {result}"
         status, _, body = result["answer"]
-        assert status == 200 and json.loads(body) == {"pid": holder, "released": True}, result
-        client.close()
-        assert not netns._wait_pidfds([fd], 30), "the orphan holding a request did not exit"
+        assert status == 200 and json.loads(body) == {"pid": pids[0], "released": True}, result
+        holding.close()
+        assert not netns._wait_pidfds([fds[0]], 60), "the orphan of slot 0 did not exit"
+        out, err = proc.communicate(timeout=60)
     finally:
         with contextlib.suppress(OSError):
             open(flag, "w").close()
-        if client is not None:
+        for client in clients:
             client.close()
-        if thread.ident is not None:
+        if thread is not None:
             thread.join(30)
-        os.close(fd)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for fd in fds.values():
+            os.close(fd)
+    what = f"exit {proc.returncode}, stdout {out!r}, stderr {err!r}"
+    assert proc.returncode == 0 and "Traceback" not in out + err, what
+    assert len(lines(out)) == 1 and f"stopped {len(pids)} orphaned worker" in out, what
+    assert not any("error" in line for line in lines(err)), what      # progress only
+    assert ("ip", f"ipserve_{srv.name}") not in nft_tables(tb.server_ns)
+    assert f"IPS-{srv.name}" not in iptables_nat(tb.server_ns)
+    assert files_of(srv.runtime_dir, srv.name) == set()
+    assert netns.ns_pids(tb.server_ns) == []
 
 
 def test_cleanup_refused_while_master_runs(testbed, ipserve):
-    """`ipservectl cleanup` with a master serving: exit 2, one line, and its rules, files and workers untouched."""
+    """`ipservectl cleanup` with a master serving: exit 2, one line, nothing touched."""
     tb = testbed
     srv, table = serve(ipserve)
     before = nft_objects(tb.server_ns)
@@ -409,16 +400,17 @@ def test_cleanup_refused_while_master_runs(testbed, ipserve):
 
 
 def test_no_master_no_state(testbed):
-    """With no master and no state file: status exits 1 with one line; stop and cleanup exit 0 and touch no other instance's rules."""
+    """No master, no state file: status exits 1 (one line); stop and cleanup exit 0, others' rules kept."""
     tb = testbed
     runtime_dir = secure_tmpdir(tb, "ips-none-")
     name = netns.unique_name("gone")
     other = netns.unique_name("other")
-    call_in(tb.server_ns, [which("nft"), "add", "table", "ip", f"ipserve_{other}"])
-    call_in(tb.server_ns, [which("nft"), "add", "table", "ip", f"ipserve_{name}x"])
+    kept = {("ip", f"ipserve_{other}"), ("ip", f"ipserve_{name}x")}
+    for family, table in kept:
+        call_in(tb.server_ns, [which("nft"), "add", "table", family, table])
+        call_in(tb.server_ns, [which("nft"), "add", "chain", family, table, "keep"])
     if which("iptables"):
         call_in(tb.server_ns, [which("iptables"), "-w", "-t", "nat", "-N", f"IPS-{other}"])
-    nft_before, ipt_before = nft_objects(tb.server_ns), iptables_nat(tb.server_ns)
 
     assert_one_error_line(ctl(tb.server_ns, runtime_dir, name, "status"), 1, name)
     for cmd in ("cleanup", "stop"):
@@ -426,15 +418,26 @@ def test_no_master_no_state(testbed):
         what = f"{cmd}: exit {proc.returncode}, stdout {proc.stdout!r}, stderr {proc.stderr!r}"
         assert proc.returncode == 0 and len(lines(proc.stdout)) == 1, what
         assert "Traceback" not in proc.stderr + proc.stdout, what
-    assert nft_objects(tb.server_ns) == nft_before
-    assert iptables_nat(tb.server_ns) == ipt_before
+    assert kept <= nft_tables(tb.server_ns)
+    assert ("ip", f"ipserve_{name}") not in nft_tables(tb.server_ns)
+    for family, table in kept:
+        assert nft_table_text(tb.server_ns, table) is not None and '"keep"' in nft_table_text(
+            tb.server_ns, table)
+    if which("iptables"):
+        listing = iptables_nat(tb.server_ns).splitlines()
+        assert f"-N IPS-{other}" in listing and not any(f"IPS-{name}" in ln for ln in listing)
     assert files_of(runtime_dir, name) == set()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with no state file, cleanup/stop also try iptc on the default binds 0.0.0.0:8000 and "
-    "[::]:8000, which iptc refuses (one family per process) or cannot load: a spurious "
-    "'ipservectl: iptc: ...' error line on stderr although nothing failed"))
+def test_cleanup_of_nothing_leaves_the_firewall_as_it_was(testbed):
+    """`ipservectl cleanup` of a name that left nothing changes nothing in the nft ruleset."""
+    before = nft_objects(testbed.server_ns)
+    proc = ctl(testbed.server_ns, secure_tmpdir(testbed, "ips-none-"), netns.unique_name("gone"),
+               "cleanup")
+    assert proc.returncode == 0, proc
+    assert nft_objects(testbed.server_ns) == before
+
+
 def test_no_state_cleanup_prints_nothing_on_stderr(testbed):
     """With no master and no state file, `stop` and `cleanup` print their one line and no error."""
     runtime_dir = secure_tmpdir(testbed, "ips-none-")
@@ -444,9 +447,6 @@ def test_no_state_cleanup_prints_nothing_on_stderr(testbed):
         assert proc.stderr == "", (cmd, proc.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "argparse errors (unknown command, missing command, a --timeout that is not a number) "
-    "print the usage text before the error: 4 lines on stderr, not one"))
 @pytest.mark.parametrize("argv", [["bogus"], [], ["--timeout", "abc", "status"]],
                          ids=["unknown-command", "no-command", "bad-timeout"])
 def test_usage_error_is_one_line(testbed, argv):
