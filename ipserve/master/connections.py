@@ -4,8 +4,14 @@ Nothing a peer does here can stall the master or grow without bound: sockets
 are non-blocking, replies wait in a bounded outbox until the peer reads them,
 lines are bounded (control.MAX_LINE), descriptors are bounded per message,
 connections are bounded in number and in how long they may stay silent
-before saying who they are. Who the peer is comes from the kernel
-(SO_PEERCRED), read once at accept.
+before saying who they are. Who the peer is comes from the kernel,
+read once at accept: SO_PEERCRED (pid, uid, gid), the process's start time
+(with the pid, an identity nobody can take over), and where the kernel has it
+(Linux 6.5+) a pidfd of the very process that connected (SO_PEERPIDFD).
+
+Admission is by who connects, so no one can crowd out anyone else: admins
+(root, the master's uid) have their own allowance, each known worker pid
+its own, and any other uid a small one (they are refused once they speak).
 """
 
 from __future__ import annotations
@@ -21,14 +27,53 @@ from ipserve import control
 MAX_OUTBOX = 4 << 20          # a status of 1024 workers is ~0.5 MiB
 IDENTIFY_WITHIN = 5.0         # a connection that has said nothing by then is closed
 ACCEPT_PAUSE = 1.0            # out of descriptors: stop accepting this long
+ADMIN_CONNECTIONS = 64        # ipservectl, dashboards, a master taking over
+WORKER_CONNECTIONS = 4        # a worker uses one (and one to report a failed boot)
+STRANGER_CONNECTIONS = 8      # per uid, for everybody else
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)   # <asm-generic/socket.h>, Linux 6.5
+
+
+def admission_key(peer: control.Peer, is_admin: Callable[[int], bool],
+                  is_worker: Callable[[int], bool]) -> tuple[tuple, int]:
+    """Whose allowance a connection counts against, and its size."""
+    if is_admin(peer.uid):
+        return ("admin",), ADMIN_CONNECTIONS
+    if is_worker(peer.pid):
+        return ("worker", peer.pid), WORKER_CONNECTIONS
+    return ("uid", peer.uid), STRANGER_CONNECTIONS
+
+
+def peer_pidfd(sock: socket.socket) -> int | None:
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        return None   # an older kernel: the start time read at accept stands alone
+
+
+def pidfd_pid(pidfd: int) -> int | None:
+    """The pid a pidfd refers to; None once that process has exited."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as fh:
+            for line in fh:
+                if line.startswith("Pid:"):
+                    pid = int(line.split()[1])
+                    return pid if pid > 0 else None
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 class Connection:
     """One accepted control connection: a worker, or an ipservectl request."""
 
-    def __init__(self, sock: socket.socket, peer: control.Peer, now: float):
+    def __init__(self, sock: socket.socket, peer: control.Peer, now: float,
+                 peer_start: int | None = None, peer_pidfd: int | None = None,
+                 key: tuple = ()):
         self.sock = sock
         self.peer = peer
+        self.peer_start = peer_start     # the peer's start time, read at accept
+        self.peer_pidfd = peer_pidfd     # the very process that connected, if the kernel says
+        self.key = key                   # whose allowance it counts against
         self.opened_at = now
         self.reader = control.LineReader()
         self.outbox = bytearray()
@@ -40,6 +85,14 @@ class Connection:
     @property
     def identified(self) -> bool:
         return self.worker is not None or self.closing
+
+    def peer_is(self, pid: int, start: int) -> bool:
+        """The process that connected is `pid` started at `start`, and still
+        runs: not a process that took over its pid, nor a child it left the
+        connection to."""
+        if self.peer.pid != pid or self.peer_start != start:
+            return False
+        return self.peer_pidfd is None or pidfd_pid(self.peer_pidfd) == pid
 
     def send(self, message: dict) -> bool:
         """Queue `message`; False if the connection is gone or the peer has
@@ -86,18 +139,22 @@ class ControlServer:
     is called once per connection when it ends (either side)."""
 
     def __init__(self, path: str, selector, log: logging.Logger, clock: Callable[[], float],
-                 max_connections: Callable[[], int]):
+                 is_admin: Callable[[int], bool], is_worker: Callable[[int], bool],
+                 start_time: Callable[[int], int | None]):
         self.path = path
         self.selector = selector
         self.log = log
         self.clock = clock
-        self.max_connections = max_connections
+        self.is_admin = is_admin
+        self.is_worker = is_worker
+        self.start_time = start_time
         self.listener: socket.socket | None = None
         self.connections: set[Connection] = set()
+        self.open_by_key: dict[tuple, int] = {}
         self.paused_until = 0.0
         self.on_messages: Callable = lambda conn, messages: None
         self.on_closed: Callable = lambda conn: None
-        self._warned_full = False
+        self._warned: set[tuple] = set()
 
     def open(self, owner: tuple[int, int] | None) -> None:
         """Bind the socket 0600 (owned by the workers' user when they run as
@@ -131,23 +188,33 @@ class ControlServer:
                                      exc.strerror, ACCEPT_PAUSE)
                     self.pause()
                 return
-            if len(self.connections) >= self.max_connections():
-                if not self._warned_full:
-                    self.log.warning("control socket: %d connections open, refusing more",
-                                     len(self.connections))
-                    self._warned_full = True
-                sock.close()
-                continue
-            self._warned_full = False
-            sock.setblocking(False)
-            try:
-                peer = control.peer_of(sock)
-            except OSError:
-                sock.close()
-                continue
-            conn = Connection(sock, peer, self.clock())
-            self.connections.add(conn)
-            self.selector.register(sock, 1, ("conn", conn))
+            self.admit(sock)
+
+    def admit(self, sock: socket.socket) -> None:
+        try:
+            peer = control.peer_of(sock)
+        except OSError:
+            sock.close()
+            return
+        start = self.start_time(peer.pid)
+        if start is None:          # gone already: whatever it left behind is nobody
+            sock.close()
+            return
+        key, allowance = admission_key(peer, self.is_admin, self.is_worker)
+        if self.open_by_key.get(key, 0) >= allowance:
+            if key not in self._warned:
+                self.log.warning("control socket: %d connections of %s open, refusing more",
+                                 allowance, " ".join(map(str, key)))
+                self._warned.add(key)
+            sock.close()
+            return
+        self._warned.discard(key)
+        sock.setblocking(False)
+        conn = Connection(sock, peer, self.clock(), peer_start=start,
+                          peer_pidfd=peer_pidfd(sock), key=key)
+        self.open_by_key[key] = self.open_by_key.get(key, 0) + 1
+        self.connections.add(conn)
+        self.selector.register(sock, 1, ("conn", conn))
 
     def pause(self) -> None:
         if self.paused_until:
@@ -215,6 +282,13 @@ class ControlServer:
             return
         conn.closed = True
         self.connections.discard(conn)
+        if conn.key in self.open_by_key:
+            self.open_by_key[conn.key] -= 1
+            if not self.open_by_key[conn.key]:
+                del self.open_by_key[conn.key]
+        if conn.peer_pidfd is not None:
+            os.close(conn.peer_pidfd)
+            conn.peer_pidfd = None
         try:
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):

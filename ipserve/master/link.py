@@ -48,10 +48,12 @@ def on_messages(master, conn: Connection, raw_messages: list[dict]) -> None:
 
 
 def known_worker(master, conn: Connection) -> WorkerRecord | None:
-    """The worker at the other end, by the kernel's word (SO_PEERCRED pid
-    and the process's start time), or None."""
+    """The worker at the other end, by the kernel's word: the pid that
+    connected (SO_PEERCRED), that process's start time read at accept, and it
+    being alive now (its pidfd) — not a process that took over its pid later,
+    nor a child it left the connection to. None if it is not one of ours."""
     record = master.registry.get(conn.peer.pid)
-    if record is None or master.spawner.start_time(conn.peer.pid) != record.start_time:
+    if record is None or not conn.peer_is(record.pid, record.start_time):
         return None
     return record
 
@@ -122,6 +124,9 @@ def on_boot_failed(master, conn: Connection, message: messages.BootFailed) -> No
     record = conn.worker or known_worker(master, conn)
     if record is not None:
         record.boot_error = message.error
+    else:
+        master.log.warning("control: ignored a boot-failed message from pid %d (uid %d): not a "
+                           "worker of this master", conn.peer.pid, conn.peer.uid)
     conn.closing = True
     master.control.after_send(conn)
 

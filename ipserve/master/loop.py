@@ -25,7 +25,8 @@ from typing import Callable
 
 from ipserve import children, config, control, logs
 from ipserve.config import Config
-from ipserve.master import adoption, health, link, policy, reload, settle, slottable, spawning
+from ipserve.master import (adoption, commands, health, link, policy, reload, settle, slottable,
+                            spawning)
 from ipserve.master.connections import ControlServer
 from ipserve.master.registry import Registry, WorkerRecord, WorkerState
 from ipserve.master.reload import Kind, Outcome, Reload
@@ -88,7 +89,9 @@ class Master:
         self.routes = Routes(RouteWriter(router, self.route_wakeup_w, threaded=threaded_routes), clock)
         self.selector.register(self.route_wakeup_r, selectors.EVENT_READ, ("routes", None))
         self.control = ControlServer(control.socket_path(cfg.runtime_dir, cfg.name), self.selector,
-                                     log, clock, max_connections=lambda: 4 * len(self.slots) + 64)
+                                     log, clock, is_admin=commands.authorized,
+                                     is_worker=lambda pid: self.registry.get(pid) is not None,
+                                     start_time=spawner.start_time)
         self.control.on_messages = lambda conn, received: link.on_messages(self, conn, received)
         self.control.on_closed = lambda conn: link.on_closed(self, conn)
 

@@ -448,9 +448,9 @@ class HandStartedMaster:
         st = json.loads(proc.stdout)
         for w in st["workers"]:
             if w["pid"] not in self.pidfds and netns.pid_in_ns(w["pid"], self.ns):
-                with_fd = netns._pidfd(w["pid"])
-                if with_fd is not None:
-                    self.pidfds[w["pid"]] = with_fd
+                fd = netns._pidfd(w["pid"])
+                if fd is not None:
+                    self.pidfds[w["pid"]] = fd
         return st
 
     def wait_routed(self, workers: int, timeout: float = 60) -> dict[int, dict]:
@@ -679,8 +679,6 @@ def test_flood_of_silent_connections_leaves_master_serving(testbed, ipserve):
     print(f"flood: {flood}")
 
 
-@pytest.mark.xfail(strict=True, reason="the control socket's connection cap (4*workers+64) is "
-                   "shared: uid 65534 filling it locks out root's ipservectl and workers' hellos")
 def test_silent_connections_of_worker_user_lock_out_nobody_else(testbed, ipserve):
     """uid 65534 keeps 200 silent control connections open, reopening each one the master closes."""
     srv, table = serve(ipserve, testbed)
@@ -717,8 +715,6 @@ def test_silent_connections_of_worker_user_lock_out_nobody_else(testbed, ipserve
 # 1b. A hello over a connection whose pid was recycled
 # --------------------------------------------------------------------------- #
 
-@pytest.mark.xfail(strict=True, reason="link.known_worker checks the peer's start time at hello, "
-                   "not at connect: a connection whose pid a new worker reuses is believed")
 def test_hello_over_recycled_pid_connection_is_refused(testbed, ipserve):
     """uid 65534 connects, lets its pid go to the next worker, speaks for it in a broken deploy."""
     broken = os.path.join(shared_dir(testbed), "broken")

@@ -179,7 +179,8 @@ class Peer:
         self.ours, self.theirs = socket.socketpair()
         self.ours.setblocking(False)
         self.theirs.settimeout(0)
-        self.conn = Connection(self.ours, control.Peer(pid, uid, uid), master.clock())
+        self.conn = Connection(self.ours, control.Peer(pid, uid, uid), master.clock(),
+                               peer_start=master.spawner.start_time(pid))
         master.control.connections.add(self.conn)
 
     def say(self, *messages: dict) -> None:
