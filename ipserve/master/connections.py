@@ -196,11 +196,14 @@ class ControlServer:
         except OSError:
             sock.close()
             return
-        start = self.start_time(peer.pid)
-        if start is None:          # gone already: whatever it left behind is nobody
-            sock.close()
-            return
         key, allowance = admission_key(peer, self.is_admin, self.is_worker)
+        # A worker is known by its pid and start time. An admin is known by
+        # its uid alone: it may even be outside our pid namespace (pid 0 here,
+        # when the master is a container's init).
+        start = self.start_time(peer.pid) if peer.pid > 0 else None
+        if start is None and key[0] != "admin":
+            sock.close()           # gone already: whatever it left behind is nobody
+            return
         if self.open_by_key.get(key, 0) >= allowance:
             if key not in self._warned:
                 self.log.warning("control socket: %d connections of %s open, refusing more",
