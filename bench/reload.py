@@ -180,7 +180,7 @@ class IpserveStatusWatch(threading.Thread):
     def run(self):
         while not self.stop.is_set() and time.monotonic() < self.until:
             try:
-                st = control.request(self.path, {"cmd": "status"}, timeout=2)
+                st, _ = control.request(self.path, {"cmd": "status"}, timeout=2)
             except Exception:                    # noqa: BLE001
                 self.errors += 1
                 self.stop.wait(self.interval)
