@@ -475,6 +475,22 @@ def ws_connect(ns: str | None, src_ip: str | None, dst_ip: str, port: int, path:
         raise
 
 
+def ws_ending(ws, timeout: float = 10) -> str:
+    """Read a WebSocket until the server ends it: "close <code>" for a close
+    frame, "cut" for a connection closed or reset without one."""
+    import websocket
+
+    ws.settimeout(timeout)
+    while True:
+        try:
+            opcode, frame = ws.recv_data_frame(control_frame=True)
+        except (websocket.WebSocketConnectionClosedException, ConnectionError):
+            return "cut"
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            data = frame.data or b""
+            return f"close {int.from_bytes(data[:2], 'big')}" if len(data) >= 2 else "close"
+
+
 # --------------------------------------------------------------------------- #
 # Registry of what we created (for sweeping up after a killed run)
 # --------------------------------------------------------------------------- #

@@ -152,8 +152,10 @@ class Load:
     request; a connection the server closes unannounced makes the next
     request fail, and that is counted."""
 
-    def __init__(self, tb, workers: int, limit: float = 90.0, pace: float = 0.005):
+    def __init__(self, tb, workers: int, limit: float = 90.0, pace: float = 0.005,
+                 sources=None):
         self.tb, self.workers, self.limit, self.pace = tb, workers, limit, pace
+        self.sources = list(tb.client_ips if sources is None else sources)
         self.halt = threading.Event()
         self.lock = threading.Lock()
         self.failures: list[str] = []
@@ -163,7 +165,7 @@ class Load:
         self.answers: dict[tuple[str, str], list[tuple[float, float, int, int]]] = {}
         self.clients: dict[str, HttpClient] = {}
         self.threads = [threading.Thread(target=self._guard, args=(fn, src), daemon=True)
-                        for src in tb.client_ips for fn in (self._fresh, self._keepalive)]
+                        for src in self.sources for fn in (self._fresh, self._keepalive)]
 
     def start(self) -> "Load":
         for t in self.threads:
@@ -256,7 +258,7 @@ class Load:
     def wait_answers_since(self, since: float, generation: int | None = None,
                            timeout: float = 30) -> None:
         """Until every thread has an answer after `since` (of `generation`)."""
-        keys = [(k, src) for src in self.tb.client_ips for k in ("fresh", "keepalive")]
+        keys = [(k, src) for src in self.sources for k in ("fresh", "keepalive")]
 
         def ok():
             for key in keys:

@@ -32,7 +32,7 @@ import pytest
 
 import netns
 from backends import routed_workers, slot_of
-from netns import HttpClient, http_get, tcp_connect, ws_connect
+from netns import HttpClient, http_get, tcp_connect, ws_connect, ws_ending
 
 PORT = 8000
 MIB = 1 << 20
@@ -134,22 +134,6 @@ class Bg(threading.Thread):
         if self.error is not None:
             raise self.error
         return self.result
-
-
-def ws_ending(ws, timeout: float = 10) -> str:
-    """Read a WebSocket until the server ends it: "close <code>" for a close
-    frame, "cut" for a connection closed or reset without one."""
-    import websocket
-
-    ws.settimeout(timeout)
-    while True:
-        try:
-            opcode, frame = ws.recv_data_frame(control_frame=True)
-        except (websocket.WebSocketConnectionClosedException, ConnectionError):
-            return "cut"
-        if opcode == websocket.ABNF.OPCODE_CLOSE:
-            data = frame.data or b""
-            return f"close {int.from_bytes(data[:2], 'big')}" if len(data) >= 2 else "close"
 
 
 def cpu_seconds(pid: int) -> float:

@@ -30,7 +30,7 @@ import pytest
 
 import netns
 from backends import backend_unavailable, slot_of, which
-from netns import http_get, http_json, tcp_connect, ws_connect
+from netns import http_get, http_json, tcp_connect, ws_connect, ws_ending
 from test_generations import (Load, assert_pinned, take_over, wait_gone, wait_reload,
                               wait_routed, ws_echo)
 
@@ -143,47 +143,8 @@ def pidfd_signal(pid: int, sig: int) -> None:
         os.close(fd)
 
 
-def ws_ending(ws, timeout: float = 15) -> str:
-    """Read a WebSocket until the server ends it: "close <code>" for a close
-    frame, "cut" for a connection closed or reset without one."""
-    import websocket
-
-    ws.settimeout(timeout)
-    while True:
-        try:
-            opcode, frame = ws.recv_data_frame(control_frame=True)
-        except (websocket.WebSocketConnectionClosedException, ConnectionError):
-            return "cut"
-        if opcode == websocket.ABNF.OPCODE_CLOSE:
-            data = frame.data or b""
-            return f"close {int.from_bytes(data[:2], 'big')}" if len(data) >= 2 else "close"
-
-
 def worker_of(st: dict, pid: int) -> dict | None:
     return next((w for w in st.get("workers") or [] if w["pid"] == pid), None)
-
-
-class SlotLoad(Load):
-    """test_generations.Load from the given client addresses only."""
-
-    def __init__(self, tb, workers: int, sources, **kwargs):
-        super().__init__(tb, workers, **kwargs)
-        self.sources = list(sources)
-        self.threads = [threading.Thread(target=self._guard, args=(fn, src), daemon=True)
-                        for src in self.sources for fn in (self._fresh, self._keepalive)]
-
-    def wait_answers_since(self, since: float, generation: int | None = None,
-                           timeout: float = 30) -> None:
-        keys = [(k, src) for src in self.sources for k in ("fresh", "keepalive")]
-
-        def ok():
-            for key in keys:
-                last = self.last(*key)
-                if last is None or last[0] < since or (generation is not None
-                                                       and last[2] != generation):
-                    return False
-            return True
-        self.wait(ok, timeout, f"an answer (generation {generation}) to every load thread")
 
 
 # --------------------------------------------------------------------------- #
@@ -725,7 +686,7 @@ def test_no_master_dead_worker_refused_until_new_master(testbed, ipserve):
     workers = 2
     srv, table = start(ipserve, workers, extra=["--graceful-timeout", "5"])
     lost = slot_addrs(tb, 1, workers)
-    load = SlotLoad(tb, workers, slot_addrs(tb, 0, workers)).start()
+    load = Load(tb, workers, sources=slot_addrs(tb, 0, workers)).start()
     probe_stop = threading.Event()
     probe: dict = {"refused": 0, "first_ok": None}
 

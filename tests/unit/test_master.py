@@ -14,7 +14,7 @@ import pytest
 
 from ipserve.master import adoption, link, state
 from ipserve.master.registry import WorkerState
-from master_fakes import (MASTER_UID, FakeRouter, FakeSpawner, Peer, booting, exit_worker,
+from master_fakes import (MASTER_UID, FakeSpawner, Peer, booting, exit_worker,
                           heartbeat, hello, make_master, say_ready, sig, start)
 
 NOBODY = 65534
