@@ -742,3 +742,36 @@ def test_no_master_dead_worker_refused_until_new_master(testbed, ipserve):
     assert load.failures == [], (f"{len(load.failures)} failures of {load.ok + len(load.failures)} "
                                  f"slot-0 requests: {load.failures[:10]}")
     assert_pinned(tb, gen2, generation=2, workers=workers)
+
+
+def test_rule_write_stuck_on_the_xtables_lock_holds_nothing_up(testbed, ipserve):
+    """A reload whose rule write waits on the xtables lock: the master keeps answering, the
+    kernel keeps routing the old generation, and the switch lands once the lock is free."""
+    why = backend_unavailable("iptc")    # python-iptables takes /run/xtables.lock (iptables-nft does not)
+    if why:
+        pytest.skip(why)
+    import fcntl
+    tb = testbed
+    srv, table = start(ipserve, 2, router="iptc")
+    old_routes = srv.status()["routes"]
+    lock = os.open("/run/xtables.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        srv.send_signal(signal.SIGHUP)
+        # The new generation boots and is committed; its rule write then waits on the lock.
+        st = wait_reload(srv, generation=2)
+        answered = 0
+        for _ in range(10):      # a couple of seconds of it: status is answered throughout
+            st = srv.status(timeout=5)
+            answered += 1
+            assert st["routes"] == old_routes, st["routes"]
+            assert_pinned(tb, table, generation=1)
+            time.sleep(0.2)
+        assert any(w["generation"] == 2 and w["state"] == "ready" for w in st["workers"]), st
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
+    st, new = wait_routed(srv, 2, generation=2, timeout=60)
+    assert st["routes"] != old_routes
+    assert_pinned(tb, new, generation=2)
+    print(f"status answered {answered} times while the rule write waited on the xtables lock")
