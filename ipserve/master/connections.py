@@ -19,10 +19,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import selectors
 import socket
 from typing import Callable
 
 from ipserve import control
+from ipserve.master.events import Event
 
 MAX_OUTBOX = 4 << 20          # a status of 1024 workers is ~0.5 MiB
 IDENTIFY_WITHIN = 5.0         # a connection that has said nothing by then is closed
@@ -171,7 +173,7 @@ class ControlServer:
         sock.listen(1024)
         sock.setblocking(False)
         self.listener = sock
-        self.selector.register(sock, 1, ("accept", None))   # EVENT_READ
+        self.selector.register(sock, selectors.EVENT_READ, (Event.ACCEPT, None))
 
     # ------------------------------------------------------------ accepting
     def accept(self) -> None:
@@ -217,7 +219,7 @@ class ControlServer:
                           peer_pidfd=peer_pidfd(sock), key=key)
         self.open_by_key[key] = self.open_by_key.get(key, 0) + 1
         self.connections.add(conn)
-        self.selector.register(sock, 1, ("conn", conn))
+        self.selector.register(sock, selectors.EVENT_READ, (Event.CONNECTION, conn))
 
     def pause(self) -> None:
         if self.paused_until:
@@ -228,7 +230,7 @@ class ControlServer:
     def resume_if_due(self) -> None:
         if self.paused_until and self.clock() >= self.paused_until:
             self.paused_until = 0.0
-            self.selector.register(self.listener, 1, ("accept", None))
+            self.selector.register(self.listener, selectors.EVENT_READ, (Event.ACCEPT, None))
 
     # ------------------------------------------------------------ reading
     def read(self, conn: Connection) -> None:
@@ -273,9 +275,9 @@ class ControlServer:
         if conn.closing and not conn.outbox:
             self.close(conn)
             return
-        events = 1 | (2 if conn.outbox else 0)   # EVENT_READ | EVENT_WRITE
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbox else 0)
         try:
-            self.selector.modify(conn.sock, events, ("conn", conn))
+            self.selector.modify(conn.sock, events, (Event.CONNECTION, conn))
         except (KeyError, ValueError):
             pass
 

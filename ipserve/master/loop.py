@@ -28,6 +28,7 @@ from ipserve.config import Config
 from ipserve.master import (adoption, commands, health, link, policy, reload, settle, slottable,
                             spawning)
 from ipserve.master.connections import ControlServer
+from ipserve.master.events import Event
 from ipserve.master.registry import Registry, WorkerRecord, WorkerState
 from ipserve.master.reload import Kind, Outcome, Reload
 from ipserve.master.routes import Routes, RouteWriter
@@ -62,13 +63,13 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self.registry = Registry()
         self.slots: list[Slot] = [Slot(i) for i in range(cfg.workers)]
+        self.unrouted: list = []     # our copies of sockets left by dead holders, to close
         self.generation = 1                      # of the workers that hold the slots
         self.highest_generation = 1              # the highest number ever started
         self.serial = 0
         self.deploy: Reload | None = None
         self.replacements: dict[int, Reload] = {}
         self.last_reload: Reload | None = None
-        self.reloads_done = 0
         self.stopping: StopMode | None = None
         self.stop_deadline = 0.0
         self.killed_at_deadline = False
@@ -81,13 +82,12 @@ class Master:
         self.last_health_retire = -1e9
         self.state_dirty = True
         self.started = clock()
-        self.started_wall = time.time()
         self.error_counts: dict[str, tuple[float, int]] = {}
         self.route_wakeup_r, self.route_wakeup_w = socket.socketpair()
         self.route_wakeup_r.setblocking(False)
         self.route_wakeup_w.setblocking(False)
         self.routes = Routes(RouteWriter(router, self.route_wakeup_w, threaded=threaded_routes), clock)
-        self.selector.register(self.route_wakeup_r, selectors.EVENT_READ, ("routes", None))
+        self.selector.register(self.route_wakeup_r, selectors.EVENT_READ, (Event.ROUTES, None))
         self.control = ControlServer(control.socket_path(cfg.runtime_dir, cfg.name), self.selector,
                                      log, clock, is_admin=commands.authorized,
                                      is_worker=lambda pid: self.registry.get(pid) is not None,
@@ -120,22 +120,22 @@ class Master:
         return 0
 
     def dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
-        kind, obj = key.data
-        if kind == "signal":
+        event, obj = key.data
+        if event is Event.SIGNAL:
             drain(self.wakeup_r)
-        elif kind == "accept":
+        elif event is Event.ACCEPT:
             self.control.accept()
-        elif kind == "conn":
+        elif event is Event.CONNECTION:
             if mask & selectors.EVENT_WRITE:
                 self.control.writable(obj)
             if mask & selectors.EVENT_READ and not obj.closed:
                 self.control.read(obj)
-        elif kind == "pidfd":
+        elif event is Event.WORKER_EXIT:
             self.on_worker_exit(obj)
-        elif kind == "routes":
+        elif event is Event.ROUTES:
             drain(self.route_wakeup_r)
             self.on_routes_written()
-        elif kind == "refuse":
+        elif event is Event.REFUSE:
             settle.refuse_connections(self, obj, key.fileobj)
 
     def guard(self, handler: Callable, *args) -> None:
@@ -190,7 +190,7 @@ class Master:
         for signum in SIGNAL_ACTIONS:
             signal.signal(signum, lambda signum, frame: self.pending_signals.append(signum))
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)   # wakes the loop to reap
-        self.selector.register(self.wakeup_r, selectors.EVENT_READ, ("signal", None))
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ, (Event.SIGNAL, None))
 
     def on_signal(self, signum: int) -> None:
         self.log.info("received %s", signal.Signals(signum).name)
@@ -249,8 +249,10 @@ class Master:
     def next_spawn_job(self, now: float) -> Callable[[], None] | None:
         # Slots without a worker first: their clients are waiting. (Not while a
         # reuseport group is still to come back from adopted workers.)
+        # A slot being replaced waits for its successor instead.
         for slot in self.slots:
             if (slot.holder is None and now >= slot.spawn_after
+                    and slot.index not in self.replacements
                     and not (self.adopting_until is not None and self.sockets.shared)):
                 return lambda slot=slot: spawning.spawn_holder(self, slot)
         for pending in self.reloads():
@@ -312,8 +314,6 @@ class Master:
                      "worker pid %d (slot %d, generation %d, %s) %s after %.1fs", record.pid,
                      record.slot, record.generation, record.state.value, describe_exit(code),
                      now - record.spawned_at)
-
-    # ================================================================ adoption
 
     # ================================================================ stopping
     def begin_stop(self, mode: StopMode) -> None:
@@ -413,6 +413,8 @@ class Master:
         for slot in self.slots:
             if slot.listeners is not None:
                 slot.listeners.close()
+        for listeners in self.unrouted:
+            listeners.close()
         self.sockets.close()
         self.router.close()
 

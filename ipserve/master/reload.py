@@ -177,11 +177,11 @@ def commit(master, reload: Reload, now: float) -> None:
         master.generation = reload.generation
         resize(master, reload.slots)
         master.deploy = None
-        master.reloads_done += 1
     else:
         master.replacements.pop(reload.targets[0], None)
     for index, successor in reload.successors.items():
         slot = master.slots[index]
+        unheld(master, slot)
         slot.holder = successor
         slot.listeners = successor.listeners
     reload.finish(Outcome.DONE, now)
@@ -198,7 +198,17 @@ def resize(master, count: int) -> None:
         master.slots += [Slot(i) for i in range(len(master.slots), count)]
     elif count < len(master.slots):
         # Their workers retire once the kernel routes the smaller table.
+        for slot in master.slots[count:]:
+            unheld(master, slot)
         master.slots = master.slots[:count]
+
+
+def unheld(master, slot: Slot) -> None:
+    """The slot is leaving its sockets. A live holder closes our copy when it
+    retires; a slot whose holder died leaves them to settle, which closes
+    them once the kernel routes elsewhere (so nothing is refused meanwhile)."""
+    if slot.listeners is not None and slot.holder is None:
+        master.unrouted.append(slot.listeners)
 
 
 def fail_reload(master, reload: Reload, why: str, failed: WorkerRecord | None = None) -> None:

@@ -18,6 +18,7 @@ import struct
 
 from ipserve import messages
 from ipserve.master import policy
+from ipserve.master.events import Event
 from ipserve.master.registry import WorkerRecord, WorkerState
 from ipserve.master.slottable import Slot
 from ipserve.messages import ToWorker
@@ -35,12 +36,29 @@ def settle(master) -> None:
         activate(master, record)
     for record in to_retire:
         retire(master, record)
+    close_unrouted(master)
     expected = {s.holder.pid for s in master.slots if s.holder is not None}
     for pending in master.reloads():
         expected |= {w.pid for w in pending.successors.values()}
     for record in policy.strays(master.registry, expected):
         master.log.info("ending worker pid %d (slot %d): no longer needed", record.pid, record.slot)
         kill(master, record)
+
+
+def close_unrouted(master) -> None:
+    """Our copies of sockets no slot holds any more, once the kernel no longer
+    routes to them: what queued there before the switch is reset, not stranded."""
+    installed = master.routes.installed
+    if installed is None:
+        return
+    ports = set(installed.values())
+    keep = []
+    for listeners in master.unrouted:
+        if listeners.port in ports or any(s.listeners is listeners for s in master.slots):
+            keep.append(listeners)
+        else:
+            listeners.close()
+    master.unrouted = keep
 
 
 def activate(master, record: WorkerRecord) -> None:
@@ -109,7 +127,7 @@ def refuse_waiting_slots(master, now: float) -> None:
                                "connections until one is ready", slot.index, now - slot.waiting_since)
             slot.refusing = True
             for sock in slot.listeners.sockets:
-                master.selector.register(sock, selectors.EVENT_READ, ("refuse", slot))
+                master.selector.register(sock, selectors.EVENT_READ, (Event.REFUSE, slot))
 
 
 def refuse_connections(master, slot: Slot, sock: socket.socket) -> None:

@@ -10,6 +10,7 @@ import selectors
 
 from ipserve.config import Config
 from ipserve.master import policy, slottable
+from ipserve.master.events import Event
 from ipserve.master.registry import WorkerRecord
 from ipserve.master.slottable import Slot
 from ipserve.master.sockets import Listeners
@@ -45,7 +46,7 @@ def spawn_worker(master, cfg: Config, slot: int, generation: int, listeners: Lis
 
 def track(master, record: WorkerRecord) -> None:
     master.registry.add(record)
-    master.selector.register(record.process.fileno(), selectors.EVENT_READ, ("pidfd", record))
+    master.selector.register(record.process.fileno(), selectors.EVENT_READ, (Event.WORKER_EXIT, record))
     record.measure()
     master.state_dirty = True
 

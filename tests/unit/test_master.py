@@ -470,3 +470,23 @@ def test_adoption_ends_workers_that_never_held_their_slot(tmp_path):
     adoption.adopt(new_master, recorded)
     assert all(signal.SIGKILL in w.process.signals for w in half_born)
     assert not {w.pid for w in half_born} & {w.pid for w in new_master.registry}
+
+
+def test_holder_dying_during_its_replacement_waits_for_the_successor(tmp_path):
+    master = make_master(tmp_path, workers=1, max_requests=10, timeout=0)
+    start(master)
+    (old,) = master.registry
+    master.clock.advance(10)                       # not young: no back-off in the way
+    link.on_messages(master, old.conn, [heartbeat(requests=1000)])
+    master.tick()                                  # decides on the replacement
+    master.tick()                                  # spawns it
+    (successor,) = booting(master)
+    old_sockets = master.slots[0].listeners
+    exit_worker(master, old, code=-9)              # dies while its successor boots
+    master.tick()
+    assert booting(master) == [successor]          # no second worker for the slot
+    say_ready(master, [successor])
+    master.tick()
+    assert holders(master) == {0: successor.pid}
+    assert master.router.kernel == {0: successor.port}
+    assert old_sockets not in master.unrouted      # our copy closed once unrouted
