@@ -207,6 +207,7 @@ def unheld(master, slot: Slot) -> None:
     """The slot is leaving its sockets. A live holder closes our copy when it
     retires; a slot whose holder died leaves them to settle, which closes
     them once the kernel routes elsewhere (so nothing is refused meanwhile)."""
+    settle.stop_refusing(master, slot)
     if slot.listeners is not None and slot.holder is None:
         master.unrouted.append(slot.listeners)
 
