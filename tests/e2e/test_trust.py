@@ -209,10 +209,10 @@ if spec is not None:
     out["worker_at_pid"] = True
     hello = {"type": "hello", "name": spec["name"], "pid": peer, "slot": spec["slot"],
              "generation": spec["generation"], "phase": "ready", "connections": 0, "requests": 0}
-    sock.sendall((json.dumps(hello) + "\n").encode())
-    sock.settimeout(8)
     buf = b""
     try:
+        sock.sendall((json.dumps(hello) + "\n").encode())
+        sock.settimeout(8)
         while True:
             chunk = sock.recv(65536)
             if not chunk:
@@ -221,6 +221,8 @@ if spec is not None:
             buf += chunk
     except socket.timeout:
         out["eof"] = False
+    except (BrokenPipeError, ConnectionResetError):
+        out["eof"] = True      # closed before the hello: its connecting process had gone
     out["received"] = [json.loads(ln) for ln in buf.splitlines() if ln.strip()]
 print(json.dumps(out), flush=True)
 """
@@ -751,7 +753,9 @@ def test_hello_over_recycled_pid_connection_is_refused(testbed, ipserve):
             break
     else:
         pytest.skip("another process took the recycled pid before the master's worker, 5 times")
-    assert report["received"] == [{"type": "refused"}], report
+    # Refused at the hello, or closed at accept already (the process that
+    # connected was gone by then): either way never believed.
+    assert report["received"] in ([{"type": "refused"}], []) and report["eof"], report
     # The broken generation failed whole: the old worker still holds the slot.
     st = srv.wait_for(lambda st: (st["reload"] or {}).get("state") == "failed", timeout=60,
                       what="the reload of the broken generation to fail")
