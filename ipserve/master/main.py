@@ -53,6 +53,14 @@ def prepare_runtime_dir(cfg: Config, worker_ids: tuple[int, int] | None) -> str:
     return real
 
 
+def set_title(title: str) -> None:
+    try:
+        import setproctitle
+        setproctitle.setproctitle(title)
+    except ImportError:
+        pass
+
+
 def read_recorded(path: str, log) -> state.Recorded | None:
     try:
         data = runtime.read_private_json(path)
@@ -90,6 +98,8 @@ def serve(cfg: Config, worker_rss: int | None) -> int:
     previous = takeover.acquire(lock, runtime.InstanceLock(os.path.join(rt, cfg.name + ".takeover")),
                                 socket_path, cfg.name, log)
     try:
+        # The title is how a newcomer that finds us silent knows whom it kills.
+        set_title(f"ipserve: master [{cfg.name}]")
         recorded = read_recorded(state_path, log)
         sockets = for_router(router, cfg.bind, cfg.backlog)
         master = Master(cfg, router, sockets, Spawner(cfg.user, cfg.group), log,
@@ -111,11 +121,6 @@ def serve(cfg: Config, worker_rss: int | None) -> int:
         if cfg.user is None and os.geteuid() == 0:
             log.warning("workers run as root (without capabilities): set user = \"...\" so that "
                         "application code cannot command the master")
-        try:
-            import setproctitle
-            setproctitle.setproctitle(f"ipserve: master [{cfg.name}]")
-        except ImportError:
-            pass
         runtime.write_pid_file(cfg.pid, os.getpid())
         runtime.remove_quietly(socket_path)   # a dead master's; we hold the lock
         try:
