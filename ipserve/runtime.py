@@ -236,28 +236,15 @@ def open_log(path: str, owner: tuple[int, int] | None = None) -> int:
     except OSError as exc:
         raise UsageError(f"{subject}: directory {_show(real_dir)} cannot be opened: "
                          f"{exc.strerror}") from None
-    # O_NONBLOCK: opening a FIFO planted at the path must fail now (ENXIO)
-    # rather than hang the master until someone opens the other end.
-    flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-             | os.O_NOCTTY | os.O_NONBLOCK)
     try:
-        fd = os.open(name, flags, 0o640, dir_fd=dfd)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UsageError(f"log file {_show(path)} is a symbolic link; refusing to follow it: "
-                             f"remove it or give the real path") from None
-        if exc.errno == errno.ENXIO:
-            raise UsageError(f"log file {_show(path)} is a FIFO or socket, not a regular file; "
-                             f"remove it or choose another path") from None
-        raise UsageError(f"log file {_show(path)} cannot be opened: {exc.strerror}") from None
+        fd, st = _open_regular(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640, subject,
+                               "remove it or choose another path", dir_fd=dfd)
+    except FileNotFoundError as exc:   # the directory went away under O_PATH
+        raise UsageError(f"{subject} cannot be opened: {exc.strerror}") from None
     finally:
         os.close(dfd)
     try:
-        st = os.fstat(fd)
         euid = os.geteuid()
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"log file {_show(path)} is {_kind(st)}, not a regular file; "
-                             f"remove it or choose another path")
         if st.st_nlink != 1:
             # A hard link to someone else's file would have us append to, and
             # chown, that file.
@@ -325,26 +312,43 @@ def _replace_atomically(path: str, content: bytes, mode: int, what: str, sync: b
         raise UsageError(f"{what} {_show(path)} cannot be written: {exc.strerror}") from None
 
 
-def _open_nofollow(path: str, what: str) -> int | None:
-    """fd open for reading on the regular file `path`, None if it is missing."""
+def _open_regular(path: str, flags: int, mode: int, subject: str, advice: str, *,
+                  dir_fd: int | None = None) -> tuple[int, os.stat_result]:
+    """Open `path` without following a final symbolic link and make sure it is
+    a regular file; the fd and its stat. O_NONBLOCK: a FIFO planted at the path
+    fails now (ENXIO for a writer) rather than hang us until someone opens the
+    other end; callers that write clear it. FileNotFoundError passes through;
+    anything else is a UsageError naming `subject`, ending with `advice`."""
+    flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        fd = os.open(path, flags, mode, dir_fd=dir_fd)
     except FileNotFoundError:
-        return None
+        raise
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise UsageError(f"{what} {_show(path)} is a symbolic link; refusing to follow it: "
-                             f"remove it") from None
-        raise UsageError(f"{what} {_show(path)} cannot be opened: {exc.strerror}") from None
+            raise UsageError(f"{subject} is a symbolic link; refusing to follow it: "
+                             f"{advice}") from None
+        if exc.errno == errno.ENXIO:
+            raise UsageError(f"{subject} is a FIFO or socket, not a regular file; "
+                             f"{advice}") from None
+        raise UsageError(f"{subject} cannot be opened: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
     except OSError as exc:
         os.close(fd)
-        raise UsageError(f"{what} {_show(path)} cannot be examined: {exc.strerror}") from None
+        raise UsageError(f"{subject} cannot be examined: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise UsageError(f"{what} {_show(path)} is {_kind(st)}, not a regular file; remove it")
-    return fd
+        raise UsageError(f"{subject} is {_kind(st)}, not a regular file; {advice}")
+    return fd, st
+
+
+def _open_nofollow(path: str, what: str) -> int | None:
+    """fd open for reading on the regular file `path`, None if it is missing."""
+    try:
+        return _open_regular(path, os.O_RDONLY, 0, f"{what} {_show(path)}", "remove it")[0]
+    except FileNotFoundError:
+        return None
 
 
 def _parse_pid(data: bytes) -> int | None:
@@ -468,19 +472,12 @@ class InstanceLock:
         """Take the lock without waiting; False if another process holds it."""
         if self._fd is not None:
             return True
+        subject = f"lock file {_show(self.path)}"
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-                         | os.O_NOCTTY | os.O_NONBLOCK, 0o600)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UsageError(f"lock file {_show(self.path)} is a symbolic link; refusing to "
-                                 f"follow it: remove it") from None
-            raise UsageError(f"lock file {_show(self.path)} cannot be opened: {exc.strerror}") from None
+            fd, st = _open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o600, subject, "remove it")
+        except FileNotFoundError as exc:     # its directory is gone
+            raise UsageError(f"{subject} cannot be opened: {exc.strerror}") from None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise UsageError(f"lock file {_show(self.path)} is {_kind(st)}, not a regular file; "
-                                 f"remove it")
             if st.st_uid != os.geteuid():
                 # Its owner could hold the flock forever and keep us from starting.
                 raise UsageError(f"lock file {_show(self.path)} is owned by uid {st.st_uid}, not by "
