@@ -37,11 +37,6 @@ def next_generation(current: int, workers: Iterable) -> int:
     return max([current] + [w.generation for w in workers]) + 1
 
 
-def newest_key(w) -> tuple:
-    """Order of succession within a slot: generation, then spawn order."""
-    return (w.generation, w.serial)
-
-
 # ---------------------------------------------------------------- routing
 
 def settle(holders: Sequence, slot_ports: Sequence[int | None], installed: dict[int, int] | None,

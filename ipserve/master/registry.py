@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import psutil
 
@@ -27,10 +27,6 @@ class WorkerState(enum.Enum):
     RETIRING = "retiring"    # superseded: no new connections, drains at a lower priority
     HUNG = "hung"            # silent past `timeout`: SIGABRT sent, SIGKILL follows
     KILLED = "killed"        # ended by the master (boot failure, rollback, stop); exit expected
-
-    @property
-    def serving(self) -> bool:
-        return self in (WorkerState.ACTIVE, WorkerState.RETIRING)
 
 
 @dataclasses.dataclass(eq=False)
@@ -123,6 +119,3 @@ class Registry:
     def booting_count(self) -> int:
         return sum(1 for w in self._by_pid.values() if w.state is WorkerState.BOOTING)
 
-
-def pids(records: Iterable[WorkerRecord]) -> list[int]:
-    return sorted(r.pid for r in records)

@@ -183,6 +183,3 @@ class Routes:
                 self.failures += 1
                 self.retry_at = self.clock() + policy.backoff_delay(self.failures, base=0.25, cap=30.0)
         return results
-
-    def routes_slot(self, slot: int, port: int) -> bool:
-        return self.installed is not None and self.installed.get(slot) == port

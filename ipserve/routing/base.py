@@ -91,27 +91,8 @@ class Router:
     def remove(self) -> None:
         raise NotImplementedError
 
-    # Whether the slot count may change while the master runs (TTIN/TTOU).
-    resizable = True
-    # Whether a new master needs the workers' sockets back to take over.
-    needs_handover = False
-
-    def prepare(self, slots: int, backlog: int) -> None:
-        """Open what must exist before the first worker is spawned."""
-
-    def adopt(self, fds: list[list[int]]) -> None:
-        """Take over the sockets the previous master's workers handed back."""
-
-    def listener_fds(self, slot: int) -> list[int]:
-        """Listening sockets the worker of `slot` must accept on; empty if the
-        worker binds a port of its own."""
-        return []
-
     def close(self) -> None:
         """Release what the backend holds, at master exit."""
-
-    def owns_fd(self, fd: int) -> bool:
-        return False
 
     def describe(self) -> dict:
         return {"router": self.name}

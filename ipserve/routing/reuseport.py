@@ -233,8 +233,6 @@ class ReuseportRouter(Router):
     """
 
     name = "reuseport"
-    resizable = False       # removing a socket from the group reshuffles it
-    needs_handover = True
 
     def __init__(self, instance: str, binds: Sequence[Bind], runner: Runner = run_command, *,
                  slots: int | None = None, backlog: int = DEFAULT_BACKLOG, adopting: bool = False):
@@ -349,9 +347,6 @@ class ReuseportRouter(Router):
         if not 0 <= slot < len(self.groups[0]):
             raise IndexError(f"slot {slot} out of range 0..{len(self.groups[0]) - 1}")
         return [group[slot].fileno() for group in self.groups]
-
-    def owns_fd(self, fd: int) -> bool:
-        return any(sock.fileno() == fd for group in self.groups for sock in group)
 
     def apply(self, table: dict[int, int]) -> None:
         # A slot's connections go to whoever accepts on its socket, and wait
