@@ -14,7 +14,7 @@ import os
 import socket
 
 from ipserve import messages
-from ipserve.master import commands, reload, settle
+from ipserve.master import commands, settle
 from ipserve.master.connections import Connection
 from ipserve.master.registry import WorkerRecord, WorkerState
 from ipserve.messages import BadMessage, Phase, ToWorker
@@ -92,9 +92,7 @@ def on_hello(master, conn: Connection, hello: messages.Hello) -> None:
     elif record.state is WorkerState.ACTIVE and hello.phase is Phase.READY:
         settle.send(master, record, ToWorker.ACTIVATE)    # it missed it while disconnected
     if not master.stopping:
-        reload.progress(master, master.clock())
-        master.routes.step()
-        settle.settle(master)
+        master.reconcile(master.clock())
 
 
 def take_back_sockets(master, record: WorkerRecord, conn: Connection) -> None:

@@ -204,7 +204,6 @@ class Master:
         if os.getpid() == 1:
             children.reap_orphans()   # a container's init inherits every orphan
         self.measure(now)
-        self.on_routes_written()
         if self.stopping:
             self.stop_step(now)
             self.on_routes_written()
@@ -214,9 +213,7 @@ class Master:
             adoption.end_adoption(self)
         health.kill_overdue_boots(self, now)
         self.spawn_step(now)
-        reload.progress(self, now)
-        self.routes.step()
-        self.on_routes_written()    # a write that finished already (inline in unit tests)
+        self.reconcile(now)
         settle.refuse_waiting_slots(self, now)
         health.check(self, now)
         for slot in self.slots:     # a worker that lasts ends its slot's back-off
@@ -263,6 +260,14 @@ class Master:
         return None
 
     # ================================================================ routing
+    def reconcile(self, now: float) -> None:
+        """Commit the reloads that are ready, write the routes that are due,
+        and act on what the kernel routes (a write done inline, as in unit
+        tests, is acted on at once; a threaded one when its event comes)."""
+        reload.progress(self, now)
+        self.routes.step()
+        self.on_routes_written()
+
     def on_routes_written(self) -> None:
         for result in self.routes.collect():
             if result.error is not None:
