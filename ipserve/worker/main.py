@@ -36,6 +36,10 @@ from ipserve.worker.server import Limits, Server  # noqa: E402
 RETIRE_ACCEPT_GRACE = 1.0
 
 
+class UntrustedPeer(ConnectionRefusedError):
+    """The control socket's peer is not the master's uid (nor root)."""
+
+
 
 def check_app(spec: str, chdir: str | None) -> int:
     """Import APP as a worker would (same user, no capabilities, same
@@ -173,30 +177,24 @@ class Worker:
         could bind that path otherwise must not be able to retire us.
         """
         path = self.spec["control"]
-        trusted = {self.spec["master_uid"], 0}
         warned = False
         while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.connect(path)
-                peer = peer_of(sock)
-                if peer.uid not in trusted:
-                    if not warned:
-                        self.log.warning("control socket %s is held by uid %d (pid %d), not the "
-                                         "master's uid %d: not obeying it", path, peer.uid, peer.pid,
-                                         self.spec["master_uid"])
-                        warned = True
-                    raise ConnectionRefusedError()
+                sock = self.connect_to_master()
+            except OSError as exc:
+                if isinstance(exc, (PermissionError, UntrustedPeer)) and not warned:
+                    self.log.warning("cannot use the control socket %s: %s", path, exc)
+                    warned = True
+                gevent.sleep(0.5)
+                continue
+            try:
                 fds = self.handback_fds()
                 if fds:
                     socket.send_fds(sock, [encode(self.hello())], fds)
                 else:
                     sock.sendall(encode(self.hello()))
-            except OSError as exc:
+            except OSError:
                 sock.close()
-                if isinstance(exc, PermissionError) and not warned:
-                    self.log.warning("cannot reach the control socket %s: %s", path, exc.strerror)
-                    warned = True
                 gevent.sleep(0.5)
                 continue
             warned = False
@@ -210,6 +208,22 @@ class Worker:
                 sock.close()
             self.log.info("lost the master; reconnecting")
             gevent.sleep(0.5)
+
+    def connect_to_master(self, timeout: float | None = None) -> socket.socket:
+        """A connection to the control socket whose peer runs as the master's
+        uid (or root): whoever else could bind that path must not be obeyed."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.spec["control"])
+            peer = peer_of(sock)
+            if peer.uid not in (self.spec["master_uid"], 0):
+                raise UntrustedPeer(f"held by uid {peer.uid} (pid {peer.pid}), not the master's "
+                                    f"uid {self.spec['master_uid']}: not obeying it")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _beat(self, sock: socket.socket) -> None:
         while True:
@@ -344,14 +358,11 @@ class Worker:
     def report_boot_failure(self, error: str) -> None:
         """Tell the master why we never became ready (it shows it in status)."""
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(2.0)
-                sock.connect(self.spec["control"])
-                if peer_of(sock).uid in (self.spec["master_uid"], 0):
-                    sock.sendall(encode({"type": "boot-failed", "error": error[:2000]}))
-                    # The master closes once it has read it: exiting before
-                    # that could let it see the exit first, without the why.
-                    sock.recv(1)
+            with self.connect_to_master(timeout=2.0) as sock:
+                sock.sendall(encode({"type": "boot-failed", "error": error[:2000]}))
+                # The master closes once it has read it: exiting before that
+                # could let it see the exit first, without the why.
+                sock.recv(1)
         except OSError:
             pass
 
