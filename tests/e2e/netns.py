@@ -28,6 +28,7 @@ import http.client
 import ipaddress
 import json
 import os
+import re
 import secrets
 import select
 import shutil
@@ -1006,6 +1007,23 @@ class IpserveProcess:
 
     def log_tail(self, lines: int = 60) -> str:
         return _tail(self.log_path, lines)
+
+    def own_lines(self) -> list[str]:
+        """ipserve's own output lines (not the '# ip netns exec' header written here)."""
+        return [line for line in self.log_text().splitlines()
+                if line.strip() and not line.startswith("# ")]
+
+    def wait_log(self, pattern: str, timeout: float = 15) -> list[str]:
+        """Bounded wait until a log line matches `pattern` (regex); returns the matches."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [line for line in self.own_lines() if rx.search(line)]
+            if found:
+                return found
+            if time.monotonic() > deadline:
+                raise self.error(f"no log line matches {pattern!r} after {timeout}s")
+            time.sleep(0.1)
 
     def error(self, message: str) -> IpserveError:
         state = "running" if self.running() else f"exited with {self.proc.returncode}"

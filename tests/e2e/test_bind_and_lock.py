@@ -46,14 +46,8 @@ def require(router: str) -> None:
         pytest.skip(why)
 
 
-def own_lines(srv) -> list[str]:
-    """ipserve's output lines (the harness writes a '# ip netns exec' header)."""
-    return [line for line in srv.log_text().splitlines()
-            if line.strip() and not line.startswith("# ")]
-
-
 def error_lines(srv) -> list[str]:
-    return [line for line in own_lines(srv) if line.startswith("ipserve: error:")]
+    return [line for line in srv.own_lines() if line.startswith("ipserve: error:")]
 
 
 def wait_exit(srv, timeout: float = 60) -> int:
@@ -218,7 +212,7 @@ def test_port_in_use_by_another_program_exits_2(testbed, ipserve, router):
         srv = ipserve([netns.PROBE_APP, "-w", "2", "--router", router, "-b", f"0.0.0.0:{PORT}"])
         assert wait_exit(srv) == 2, srv.log_tail()
         errors = error_lines(srv)
-        assert len(errors) == 1, own_lines(srv)
+        assert len(errors) == 1, srv.own_lines()
         assert f"0.0.0.0:{PORT}" in errors[0] and "already in use" in errors[0], errors
         assert "Traceback" not in srv.log_text()
         assert_nothing_started(tb, srv, before)
@@ -238,7 +232,7 @@ def test_address_not_on_host_exits_2(testbed, ipserve, router):
     srv = ipserve([netns.PROBE_APP, "-w", "2", "--router", router, "-b", "203.0.113.7:8000"])
     assert wait_exit(srv) == 2, srv.log_tail()
     errors = error_lines(srv)
-    assert len(errors) == 1, own_lines(srv)
+    assert len(errors) == 1, srv.own_lines()
     assert "203.0.113.7" in errors[0] and "not an address of this host" in errors[0], errors
     assert "Traceback" not in srv.log_text()
     assert_nothing_started(tb, srv, before)
@@ -257,7 +251,7 @@ def test_bind_refusal_is_the_only_line(testbed, ipserve, bind):
             address = f"203.0.113.7:{PORT}"
         srv = ipserve([netns.PROBE_APP, "-w", "2", "--router", "nft", "-b", address])
         assert wait_exit(srv) == 2, srv.log_tail()
-        lines = own_lines(srv)
+        lines = srv.own_lines()
         assert len(lines) == 1, lines
         assert lines[0].startswith("ipserve: error:") and address.split(":")[0] in lines[0]
 
@@ -324,7 +318,7 @@ def test_worker_count_beyond_memory_exits_2_with_the_numbers(testbed, ipserve):
     before = firewall(tb.server_ns)
     srv = ipserve([BIG_APP, "-w", str(BIG_WORKERS), "--router", "nft", "-b", f"0.0.0.0:{PORT}"])
     assert wait_exit(srv, timeout=120) == 2, srv.log_tail()
-    lines = own_lines(srv)
+    lines = srv.own_lines()
     assert len(lines) == 1, lines
     line = lines[0]
     assert line.startswith("ipserve: error:") and "memory" in line and "use at most -w" in line, line
@@ -375,7 +369,7 @@ def test_two_masters_started_together_exactly_one_serves(testbed, ipserve):
         (loser_i, code), = exited.items()
         loser, winner = pair[loser_i], pair[1 - loser_i]
         assert code == 2, loser.log_tail()
-        lines = own_lines(loser)
+        lines = loser.own_lines()
         assert len(lines) == 1 and lines[0].startswith("ipserve: error:"), lines
         assert name in lines[0], lines
         st = winner.status()

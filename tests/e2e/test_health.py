@@ -92,23 +92,6 @@ def get_json(tb, src: str, path: str = "/", timeout: float = 10) -> dict:
     return json.loads(body)
 
 
-def own_lines(srv) -> list[str]:
-    return [line for line in srv.log_text().splitlines() if not line.startswith("# ")]
-
-
-def wait_log(srv, pattern: str, timeout: float = 15) -> list[str]:
-    """Bounded wait until a log line matches `pattern` (regex); returns the matches."""
-    rx = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [line for line in own_lines(srv) if rx.search(line)]
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise srv.error(f"no log line matches {pattern!r} after {timeout}s")
-        time.sleep(0.1)
-
-
 def wait_exited(srv, pid: int, timeout: float = 30) -> None:
     srv.note_worker_pid(pid)
     srv.wait_workers_gone(timeout, pids=[pid])
@@ -200,7 +183,7 @@ def test_worker_memory_replaces_worker_and_old_one_drains(testbed, ipserve):
                           timeout=10, what="the old worker retiring with its WebSocket")
         assert worker(st, new["pid"])["rss"] < limit
         assert any(f"replacing worker pid {old['pid']} (slot 0): RSS" in line
-                   and "worker_memory" in line for line in own_lines(srv)), srv.log_tail()
+                   and "worker_memory" in line for line in srv.own_lines()), srv.log_tail()
 
         # New connections of the slot reach the new worker ...
         for a in (src, later):
@@ -253,7 +236,7 @@ def test_cluster_memory_ends_retiring_workers_first(testbed, ipserve):
         a2 = table[0]
         # Without memory pressure A would wait for its WebSocket forever (no
         # retired_timeout); above 80% of cluster_memory the master ends it.
-        lines = wait_log(srv, rf"cluster_memory above (80|95)%: .* retiring worker pid {a['pid']}\b")
+        lines = srv.wait_log(rf"cluster_memory above (80|95)%: .* retiring worker pid {a['pid']}\b")
         wait_exited(srv, a["pid"])
         # Asked to exit (80%), it closes its WebSocket with 1001 (going away);
         # killed (95%), the connection is cut. Either way the server ended it.
@@ -268,7 +251,7 @@ def test_cluster_memory_ends_retiring_workers_first(testbed, ipserve):
     # Only the retiring worker paid: the active ones are the same processes.
     assert table is not None and table[0]["pid"] == a2["pid"] and table[1]["pid"] == b["pid"], st
     assert all(w["replacing"] is None for w in st["workers"]), st
-    log = "\n".join(own_lines(srv))
+    log = "\n".join(srv.own_lines())
     assert f"replacing worker pid {b['pid']}" not in log
     assert f"replacing worker pid {a2['pid']}" not in log
     assert "largest worker while cluster_memory" not in log
@@ -310,8 +293,8 @@ def test_blocked_hub_reports_lag_too_busy_and_stack(testbed, ipserve):
     assert all(r["too_busy_env"] is True and r["too_busy_fn"] is True for r in answers), answers
 
     # gevent's monitor thread named the blocking code in the worker's log.
-    wait_log(srv, r"Blocked Stack")
-    text = "\n".join(own_lines(srv))
+    srv.wait_log(r"Blocked Stack")
+    text = "\n".join(srv.own_lines())
     report = text[text.index("Blocked Stack"):]
     assert re.search(r'probe\.py", line \d+, in _block_hub', report), srv.log_tail(80)
 
@@ -440,7 +423,7 @@ def test_stopped_worker_is_replaced_and_its_addresses_served(testbed, ipserve):
     for src in testbed.client_ips:
         pids = {pid for s, pid, _ in after if s == src}
         assert pids == {table[slot_of(src, 2)]["pid"]}, (src, pids, "served by another slot")
-    assert any(f"worker pid {a['pid']} (slot 0) sent no heartbeat" in line for line in own_lines(srv))
+    assert any(f"worker pid {a['pid']} (slot 0) sent no heartbeat" in line for line in srv.own_lines())
     print(f"SIGSTOP: {len(before)} slot-1 requests before the master noticed, {len(after)} requests "
           f"from all 16 addresses after it, none failed, slot 0's all answered by pid {a2['pid']}")
     for t in caught:
@@ -812,5 +795,5 @@ def test_max_requests_replaces_worker(testbed, ipserve):
     assert table[1]["pid"] == b["pid"], "slot 1's worker served nothing and must stay"
     wait_exited(srv, a["pid"])
     assert any(f"replacing worker pid {a['pid']} (slot 0): served" in line
-               and "max_requests" in line for line in own_lines(srv)), srv.log_tail()
+               and "max_requests" in line for line in srv.own_lines()), srv.log_tail()
     assert get_json(testbed, srcs[0])["pid"] == table[0]["pid"]

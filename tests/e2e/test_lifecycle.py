@@ -67,17 +67,12 @@ def slot_addrs(tb, slot: int, workers: int) -> list[str]:
     return [a for a in tb.client_ips if slot_of(a, workers) == slot]
 
 
-def own_lines(srv) -> list[str]:
-    """ipserve's output lines (the harness writes a '# ip netns exec' header)."""
-    return [line for line in srv.log_text().splitlines() if line.strip() and not line.startswith("# ")]
-
-
 def log_matches(srv, pattern: str) -> list[re.Match]:
     rx = re.compile(pattern)
-    return [m for m in map(rx.search, own_lines(srv)) if m]
+    return [m for m in map(rx.search, srv.own_lines()) if m]
 
 
-def wait_log(srv, pattern: str, timeout: float = 30, count: int = 1) -> list[re.Match]:
+def wait_matches(srv, pattern: str, timeout: float = 30, count: int = 1) -> list[re.Match]:
     """Bounded wait until `count` log lines match `pattern` (regex)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -170,7 +165,7 @@ def _partial_reload_keeps_old_generation(tb, ipserve, tmp_path, app_name: str, e
         assert failed is not None and failed["slot"] == 1, r
         assert expected_error in r["error"], r
         assert expected_error in failed["error"], r
-        assert failed["pid"] in spawned(srv, slot=1, generation=2), (failed, own_lines(srv)[-30:])
+        assert failed["pid"] in spawned(srv, slot=1, generation=2), (failed, srv.own_lines()[-30:])
         # Every successor is ended: gone from status and from the kernel's process list.
         gen2 = spawned(srv, generation=2)
         assert gen2, "no generation 2 worker was ever spawned"
@@ -230,7 +225,7 @@ def test_sigint_during_large_spawn_stops_everything(testbed, ipserve):
     tb = testbed
     srv, _ = start(ipserve, 64, extra=["--spawn-interval", "0.05"], wait=False)
     try:
-        wait_log(srv, r"worker pid \d+ ready: slot \d+, generation 1", timeout=60)
+        wait_matches(srv, r"worker pid \d+ ready: slot \d+, generation 1", timeout=60)
     except netns.IpserveError:
         if not srv.running():
             pytest.fail(f"-w 64 refused on this machine: {srv.log_tail(5)}")
@@ -251,7 +246,7 @@ def test_sigint_during_large_spawn_stops_everything(testbed, ipserve):
                lambda: f"the server namespace to empty; workers left: {worker_processes(tb.server_ns)}")
     print(f"\nSIGINT after {len(pids)} of 64 spawns: master exited {exited - sent:.2f}s later, "
           f"the namespace was empty {time.monotonic() - sent:.2f}s later")
-    lines = own_lines(srv)
+    lines = srv.own_lines()
     at = next(i for i, line in enumerate(lines) if "received SIGINT" in line)
     late = [line for line in lines[at:] if re.search(SPAWNED, line)]
     assert late == [], f"workers spawned after SIGINT: {late}"
@@ -293,7 +288,7 @@ def test_graceful_term_sends_websocket_1001_then_exits_0(testbed, ipserve, route
         srv.wait_for(lambda st: worker_of(st, table[1]["pid"])["connections"] == 1, timeout=10,
                      what="the long poll to be held by slot 1's worker")
         srv.send_signal(signal.SIGTERM)
-        wait_log(srv, rf"\[{table[0]['pid']}\] .*stopping: 1 connection", timeout=10)
+        wait_matches(srv, rf"\[{table[0]['pid']}\] .*stopping: 1 connection", timeout=10)
         ws_echo(ws, "during the graceful stop")       # held, not cut
         assert ws_ending(ws, timeout=15) == "close 1001"
         poller.join(30)
@@ -464,7 +459,7 @@ def test_crashing_slot_backs_off_exponentially(testbed, ipserve, tmp_path):
     attempts = spawned(srv, slot=1)[before:]
     crashed = log_matches(srv, r"worker pid \d+ \(slot 1, generation 1, booting\) exited with status 1")
     print(f"\nslot 1: {len(attempts)} spawn attempts in {OBSERVE:g}s of crashing")
-    assert len(attempts) >= 3, f"slot 1 was not retried: {own_lines(srv)[-20:]}"
+    assert len(attempts) >= 3, f"slot 1 was not retried: {srv.own_lines()[-20:]}"
     assert len(attempts) <= MAX_ATTEMPTS, f"{len(attempts)} spawns in {OBSERVE:g}s: no back-off"
     assert len(crashed) >= len(attempts) - 1, crashed
     assert log_matches(srv, r"slot 1: next worker in \d+s \(\d+ ended young in a row\)")
@@ -501,7 +496,7 @@ def test_timeout_zero_never_kills_a_blocked_worker(testbed, ipserve):
     st = srv.status()
     assert [w["pid"] for w in st["workers"]] == [pid] and st["workers"][0]["state"] == "active"
     assert netns._is_alive(pid)
-    assert not log_matches(srv, r"SIGABRT|no heartbeat|Fatal Python error"), own_lines(srv)[-20:]
+    assert not log_matches(srv, r"SIGABRT|no heartbeat|Fatal Python error"), srv.own_lines()[-20:]
     assert len(spawned(srv)) == 1
 
 

@@ -99,11 +99,6 @@ def assert_pinned(table: dict[int, dict], ns: str, sources, dst: str, *, workers
     return pid_of
 
 
-def own_lines(srv) -> list[str]:
-    """ipserve's output lines (the harness writes a '# ip netns exec' header)."""
-    return [line for line in srv.log_text().splitlines() if line.strip() and not line.startswith("# ")]
-
-
 def wait_exit(srv, timeout: float = 30) -> int:
     try:
         return srv.proc.wait(timeout)
@@ -399,14 +394,14 @@ def test_bad_input_exits_2_without_touching_rules(testbed, ipserve, backend, tmp
         conf.write_text(text)
         srv = ipserve([netns.PROBE_APP, "--router", backend, "-c", str(conf)], env=env)
         assert wait_exit(srv) == 2, srv.log_tail()
-        lines = own_lines(srv)
+        lines = srv.own_lines()
         assert len(lines) == 1, lines
         for word in words:
             assert word in lines[0], lines
     # A bad APP, named in the one line.
     srv = ipserve(["no_such_module_4711:application", "-w", "2", "--router", backend])
     assert wait_exit(srv) == 2, srv.log_tail()
-    lines = own_lines(srv)
+    lines = srv.own_lines()
     assert len(lines) == 1 and "no_such_module_4711" in lines[0], lines
     # No process was left and no rule was created.
     assert netns.ns_pids(tb.server_ns) == []
@@ -456,7 +451,7 @@ def test_unprivileged_clients_pinned(testbed, ipserve, router):
     for pid in [srv.pid, *(w["pid"] for w in table.values())]:
         assert proc_ids(pid) == (NOBODY, 0), f"pid {pid} is not uid {NOBODY} without capabilities"
     if router == "auto":
-        first = own_lines(srv)[0]
+        first = srv.own_lines()[0]
         assert "reuseport" in first and "CAP_NET_ADMIN" in first, first
     assert_pinned(table, tb.client_ns, tb.client_ips, tb.server_ip)
     assert_pinned(table, tb.client_ns, tb.client_ips6, tb.server_ip6, rounds=1)
@@ -472,8 +467,8 @@ def test_unprivileged_port_80_exits_2_saying_why(testbed, ipserve, router):
     srv = ipserve([netns.PROBE_APP, "-w", "2", "--router", router, "-b", "0.0.0.0:80"],
                   run_as=NOBODY)
     assert wait_exit(srv) == 2, srv.log_tail()
-    text = "\n".join(own_lines(srv))
-    error = [line for line in own_lines(srv) if "error" in line]
+    text = "\n".join(srv.own_lines())
+    error = [line for line in srv.own_lines() if "error" in line]
     assert len(error) == 1, text
     # Why (privileged port, missing capability) and what to do (a port >= 1024, or grant it).
     for word in (":80", "privileged", "CAP_NET_BIND_SERVICE", "1024"):

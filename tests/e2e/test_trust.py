@@ -349,26 +349,9 @@ def listening_pids(ns: str, port: int) -> set[int]:
     return {int(p) for p in re.findall(r"pid=(\d+)", out)}
 
 
-def own_lines(srv) -> list[str]:
-    """ipserve's output (the harness writes a '# ip netns exec' header)."""
-    return [ln for ln in srv.log_text().splitlines() if ln.strip() and not ln.startswith("# ")]
-
-
 def assert_no_traceback(srv) -> None:
     text = srv.log_text()
     assert "Traceback" not in text, srv.log_tail(80)
-
-
-def wait_log(srv, pattern: str, timeout: float = 15) -> list[str]:
-    rx = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [ln for ln in own_lines(srv) if rx.search(ln)]
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise srv.error(f"no log line matches {pattern!r} after {timeout}s")
-        time.sleep(0.1)
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -420,7 +403,7 @@ def snapshot(path: str) -> tuple:
 def assert_refused_before_anything(srv, runtime: str, expected: str) -> None:
     """Exit status 2, one line saying `expected`, nothing left behind."""
     rc = wait_exit(srv)
-    lines = own_lines(srv)
+    lines = srv.own_lines()
     assert rc == 2, (rc, lines)
     assert len(lines) == 1 and lines[0].startswith("ipserve: error:"), lines
     assert expected in lines[0], lines
@@ -507,7 +490,7 @@ def test_forged_hello_from_worker_user_changes_nothing(testbed, ipserve):
         assert r == dict(r, eof=True, received=[{"type": "refused"}]), r
     for r in (early_beats, old_ready):
         assert r == dict(r, eof=True, received=[]), r
-    wait_log(srv, rf"refused a worker hello from pid {report['pid']} \(uid {NOBODY}\) claiming "
+    srv.wait_log(rf"refused a worker hello from pid {report['pid']} \(uid {NOBODY}\) claiming "
                   rf"slot 1 generation 99")
     assert_serving_unchanged(srv, testbed, table)
     forger_ports = {r["port"] for r in hellos}
@@ -529,7 +512,7 @@ def test_hello_claiming_another_workers_pid_is_refused(testbed, ipserve, uid):
     for r in report["results"][:2]:
         assert r == dict(r, eof=True, received=[{"type": "refused"}]), r
     assert report["results"][2].get("eof") is True
-    wait_log(srv, rf"refused a worker hello from pid {report['pid']} \(uid {uid}\) claiming "
+    srv.wait_log(rf"refused a worker hello from pid {report['pid']} \(uid {uid}\) claiming "
                   rf"slot 1 generation 1")
     assert_serving_unchanged(srv, testbed, table)
     st = srv.status()
@@ -552,7 +535,7 @@ def test_admin_commands_from_worker_user_are_refused(testbed, ipserve):
         answer = r["received"][0]
         assert answer["ok"] is False and answer["error"].startswith("permission denied"), \
             (command, answer)
-    refusals = wait_log(srv, rf"refused a command from pid {report['pid']} \(uid {NOBODY}\)")
+    refusals = srv.wait_log(rf"refused a command from pid {report['pid']} \(uid {NOBODY}\)")
     assert len(refusals) == len(commands), refusals
 
     # ipservectl itself, run by that user: one line, exit status 1, no traceback.
@@ -638,7 +621,7 @@ def test_malformed_control_input_closes_only_that_connection(testbed, ipserve, u
             assert r["received"] == [], (what, r)
     # Each connection was closed for what it sent, with a warning naming the
     # peer (connections are made one after the other: warnings come in order).
-    warnings = [ln for ln in own_lines(srv) if "[WARNING]" in ln
+    warnings = [ln for ln in srv.own_lines() if "[WARNING]" in ln
                 and f"pid {report['pid']} (uid {uid})" in ln]
     expected = [(what, "refused a command" if what in COMMANDS else warning)
                 for what, (_, warning) in MALFORMED.items() if uid or what not in COMMANDS]
@@ -676,7 +659,7 @@ def test_flood_of_silent_connections_leaves_master_serving(testbed, ipserve):
         assert time.monotonic() < deadline, (f"master holds {fd_count(srv.pid)} descriptors, "
                                              f"{fds_before} before the flood")
         time.sleep(0.2)
-    assert any("[WARNING]" in ln and "control" in ln for ln in own_lines(srv)), srv.log_tail()
+    assert any("[WARNING]" in ln and "control" in ln for ln in srv.own_lines()), srv.log_tail()
     assert_no_traceback(srv)
     print(f"flood: {flood}")
 
@@ -942,7 +925,7 @@ def test_runtime_dir_others_control_is_refused(testbed, ipserve, case):
     runtime = make(shared_dir(testbed))
     srv = start(ipserve, testbed, user=None, runtime=runtime)
     assert_refused_before_anything(srv, runtime, expected)
-    assert "runtime_dir" in own_lines(srv)[0]
+    assert "runtime_dir" in srv.own_lines()[0]
 
 
 def test_default_runtime_dir_made_by_another_user_is_refused(testbed, tmp_path):
