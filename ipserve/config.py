@@ -325,25 +325,39 @@ SETTINGS: tuple[Setting, ...] = (
             "A worker silent this long (no heartbeat) gets SIGABRT (it dumps its stacks), "
             "then SIGKILL, and is replaced. 0: no hung-worker detection.", metavar="DURATION"),
     Setting("limit_request_line", no_limit(integer(0)), 4094,
-            "Longest request line accepted, CRLF included (longer: 414, connection closed). "
-            "0: no limit of ours; pywsgi refuses 8192 bytes and more in any case.",
-            metavar="BYTES"),
+            "Longest request line accepted (method, target and version, CRLF not counted; "
+            "longer: 414, connection closed). 0: no limit.", metavar="BYTES"),
     Setting("limit_request_fields", no_limit(integer(0)), 100,
             "Most header fields in a request (more: 431, connection closed). 0: no limit.",
             metavar="N"),
     Setting("limit_request_field_size", no_limit(integer(0)), 8190,
-            "Longest header line (longer: 431, connection closed). 0: no limit.",
-            metavar="BYTES"),
+            "Longest header field line, `Name: value` as sent, CRLF not counted (longer: "
+            "431, connection closed). 0: no limit.", metavar="BYTES"),
+    Setting("limit_request_body", no_limit(parse_size), 100 * 1024 * 1024,
+            "Largest request body. A Content-Length above it is answered 413 before the "
+            "application runs; a chunked body that grows past it fails the application's "
+            "read, then 413 (or a closed connection) follows. 0: no limit.", metavar="SIZE"),
     Setting("header_timeout", no_limit(parse_duration), 10.0,
             "Time a client has to send a request's line and headers (slowloris guard; "
             "408 and close). 0: no limit.", metavar="DURATION"),
+    Setting("body_timeout", no_limit(parse_duration), 30.0,
+            "A request body that makes no progress for this long, or a response the client "
+            "stops reading for this long, ends the connection (408 if no response has "
+            "started). 0: no limit.", metavar="DURATION"),
     Setting("keepalive", parse_duration, 5.0,
             "How long an idle keep-alive connection waits for its next request. "
             "0: keep-alive off (every response closes its connection).", metavar="DURATION"),
+    Setting("worker_connections", integer(1), 10000,
+            "Most connections one worker holds. At the limit it stops accepting until one "
+            "closes: new clients of its slot wait in the kernel's queue, none is refused.",
+            metavar="N"),
     Setting("ws_send_timeout", no_limit(parse_duration), 30.0,
             "A WebSocket whose peer reads nothing for this long while we send is closed, so "
             "a stalled peer cannot pin a greenlet and its buffers. 0: no limit.",
             metavar="DURATION"),
+    Setting("ws_max_message", no_limit(parse_size), 16 * 1024 * 1024,
+            "Largest WebSocket message a client may send, all its fragments together "
+            "(larger: close 1009, read no further). 0: no limit.", metavar="SIZE"),
     Setting("user", optional(parse_str), None,
             "When started as root, run workers as this user (name or uid). The master stays "
             "root: it writes the routing rules and never runs application code.", metavar="USER"),

@@ -25,8 +25,9 @@ def worker_spec(cfg: Config, slot: int, generation: int, serial: int, control_pa
             **{key: values[key] for key in (
                 "app", "chdir", "error_log", "access_log", "log_level", "graceful_timeout",
                 "busy_lag", "block_report", "limit_request_line", "limit_request_fields",
-                "limit_request_field_size", "header_timeout", "keepalive", "ws_send_timeout",
-                "shed_load")}}
+                "limit_request_field_size", "limit_request_body", "header_timeout",
+                "body_timeout", "keepalive", "worker_connections", "ws_send_timeout",
+                "ws_max_message", "shed_load")}}
 
 
 def spawn_worker(master, cfg: Config, slot: int, generation: int, listeners: Listeners) -> WorkerRecord:

@@ -16,7 +16,6 @@ import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
-import struct  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -30,7 +29,8 @@ from ipserve import logs  # noqa: E402
 from ipserve.control import FramingError, LineReader, encode, peer_of  # noqa: E402
 from ipserve.messages import BadMessage, Phase, ToWorker, parse_order  # noqa: E402
 from ipserve.worker.lag import HubLagMeter  # noqa: E402
-from ipserve.worker.server import Limits, Server  # noqa: E402
+from ipserve.http.limits import Limits  # noqa: E402
+from ipserve.http.server import Server  # noqa: E402
 
 
 RETIRE_ACCEPT_GRACE = 1.0
@@ -59,20 +59,6 @@ def check_app(spec: str, chdir: str | None) -> int:
     return 0
 
 
-def close_websocket(ws, code: int, reason: bytes) -> None:
-    """Send a close frame carrying `code` and `reason`, and mark `ws` closed.
-
-    gevent-websocket 0.10's WebSocket.close(code, message) drops `code` and
-    sends str(message) as the whole payload (b"x" goes out as "b'x'", which a
-    client reads as close code 25127), so the frame (RFC 6455 5.5.1) is built here."""
-    if ws.closed:
-        return
-    try:
-        ws.send_frame(struct.pack("!H", code) + reason, ws.OPCODE_CLOSE)
-    finally:
-        ws.closed = True
-
-
 class Worker:
     def __init__(self, spec: dict):
         self.spec = spec
@@ -81,7 +67,7 @@ class Worker:
         self.generation = spec["generation"]
         self.log = logs.setup_error_log(spec["error_log"], spec["log_level"])
         self.access_log = logs.setup_access_log(spec["access_log"])
-        self.servers: list[Server] = []
+        self.server: Server | None = None
         self.port = 0
         self.phase = Phase.READY      # until the app is loaded, we do not even connect
         self.lag = HubLagMeter(busy_lag_ms=(spec["busy_lag"] or 0.0) * 1000.0)
@@ -121,10 +107,9 @@ class Worker:
         # takes a connection.
         listeners = [socket.socket(fileno=fd) for fd in self.spec["listen_fds"]]
         self.port = listeners[0].getsockname()[1]
-        for listener in listeners:
-            self.servers.append(Server(listener, application, log=self.access_log or None,
-                                       error_log=self.log, environ={"ipserve.worker": worker_info},
-                                       limits=Limits(self.spec), lag=self.lag))
+        self.server = Server(listeners, application, limits=Limits.from_settings(self.spec),
+                             lag=self.lag, log=self.log, access_log=self.access_log,
+                             environ={"ipserve.worker": worker_info})
         self._set_title("ready")
         self.lag.start()
         gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(self.stop, self.spec["graceful_timeout"]))
@@ -146,14 +131,14 @@ class Worker:
         inodes are the ones the previous master recorded."""
         if self.phase not in (Phase.READY, Phase.ACTIVE):
             return []   # a retiring worker has closed its listeners
-        return [server.socket.fileno() for server in self.servers]
+        return [listener.fileno() for listener in self.server.listeners]
 
     # -------------------------------------------------------------- stats
     def connections(self) -> int:
-        return sum(s.connections for s in self.servers)
+        return self.server.connections if self.server is not None else 0
 
     def requests(self) -> int:
-        return sum(s.requests for s in self.servers)
+        return self.server.requests if self.server is not None else 0
 
     def hello(self) -> dict:
         return {"type": "hello", "pid": os.getpid(), "slot": self.slot,
@@ -163,8 +148,8 @@ class Worker:
     def heartbeat(self) -> dict:
         return {"type": "heartbeat", "connections": self.connections(),
                 "requests": self.requests(), "lag_ms": round(self.lag.take_peak(), 2),
-                "too_busy": self.lag.too_busy(), "shed": sum(s.shed for s in self.servers),
-                "websockets": sum(len(s.websockets) for s in self.servers),
+                "too_busy": self.lag.too_busy(), "shed": self.server.shed,
+                "websockets": len(self.server.websockets),
                 "phase": self.phase.value}
 
     # -------------------------------------------------------------- master link
@@ -278,8 +263,7 @@ class Worker:
         """We hold our slot: start accepting."""
         if self.phase is not Phase.READY:
             return
-        for server in self.servers:
-            server.start()
+        self.server.start()
         self.phase = Phase.ACTIVE
         self._set_title("active")
         self.log.info("worker slot %d gen %d accepting on port %d", self.slot, self.generation, self.port)
@@ -294,8 +278,7 @@ class Worker:
         was_active = self.phase is Phase.ACTIVE
         self.phase = Phase.RETIRING
         self._set_title("retiring")
-        for server in self.servers:
-            server.retiring = True
+        self.server.retire()
         self.log.info("retiring: holding %d connection(s)", self.connections())
         gevent.spawn(self._drain, was_active)
 
@@ -307,28 +290,22 @@ class Worker:
         # would keep taking the slot's new connections for the grace period.
         if was_active and not self.spec.get("shared_listeners"):
             gevent.sleep(RETIRE_ACCEPT_GRACE)
-        for server in self.servers:
-            server.close()
+        self.server.close()
         while self.connections():
             gevent.sleep(0.5)
         self.log.info("retired: last connection closed after %d request(s)", self.requests())
         self.quit()
 
     def close_websockets(self) -> int:
-        closed = 0
-        for server in self.servers:
-            for ws in list(server.websockets):
-                try:
-                    close_websocket(ws, 1001, b"server going away")
-                    closed += 1
-                except Exception:  # the peer may be gone already
-                    pass
-        return closed
+        websockets = list(self.server.websockets)
+        for ws in websockets:
+            ws.close(1001, b"server going away")
+        return len(websockets)
 
     def close_all(self) -> None:
         """End every connection now (kill-retired, retired_timeout)."""
         self.log.info("closing %d connection(s) (%d WebSocket(s), code 1001)",
-                      self.connections(), sum(len(s.websockets) for s in self.servers))
+                      self.connections(), len(self.server.websockets))
         self.close_websockets()
         gevent.sleep(0.2)  # let the close frames go out
         self.quit()
@@ -340,9 +317,8 @@ class Worker:
             return
         self.phase = Phase.STOPPING
         self.log.info("stopping: %d connection(s) may finish within %gs", self.connections(), timeout)
-        for server in self.servers:
-            server.retiring = True      # keep-alive clients get Connection: close
-            server.close()
+        self.server.retire()      # keep-alive clients get Connection: close
+        self.server.close()
         deadline = time.monotonic() + timeout
         while self.connections() and time.monotonic() < deadline:
             gevent.sleep(0.1)

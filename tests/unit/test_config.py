@@ -150,20 +150,20 @@ def test_help_lists_every_setting():
 ZERO_IS_NONE = ["boot_timeout", "retired_timeout", "busy_lag", "busy_retire_after", "block_report",
                 "timeout", "header_timeout", "ws_send_timeout", "worker_memory", "cluster_memory",
                 "max_requests", "limit_request_line", "limit_request_fields",
-                "limit_request_field_size"]
+                "limit_request_field_size", "limit_request_body", "body_timeout", "ws_max_message"]
 # 0 is a real amount: kept as 0.
 ZERO_IS_ZERO = {"graceful_timeout": 0.0, "spawn_interval": 0.0, "health_retire_interval": 0.0,
                 "keepalive": 0.0, "max_requests_jitter": 0, "retired_nice": 0}
 DURATIONS = [s.name for s in config.SETTINGS if s.metavar == "DURATION"]
 NUMBERS = DURATIONS + ["worker_memory", "cluster_memory", "max_requests", "max_requests_jitter",
                        "limit_request_line", "limit_request_fields", "limit_request_field_size",
-                       "backlog"]
+                       "limit_request_body", "ws_max_message", "backlog", "worker_connections"]
 
 
 def test_every_number_setting_is_classified():
     assert set(DURATIONS) <= set(ZERO_IS_NONE) | set(ZERO_IS_ZERO)
     for key in NUMBERS:
-        if key == "backlog":
+        if key in ("backlog", "worker_connections"):     # at least 1
             continue
         assert key in ZERO_IS_NONE or key in ZERO_IS_ZERO
         assert re.search(r"(?<![\d.])0(?![\d.%])", config.BY_NAME[key].doc), \
@@ -270,5 +270,6 @@ def test_docs_say_what_zero_means():
     docs = {s.name: s.doc for s in config.SETTINGS}
     assert "0: no hung-worker detection" in docs["timeout"]
     assert "0: keep-alive off" in docs["keepalive"]
-    assert "8192" in docs["limit_request_line"]
+    assert "CRLF not counted" in docs["limit_request_line"]
+    assert "CRLF not counted" in docs["limit_request_field_size"]
     assert "0: they are stopped at once" in docs["graceful_timeout"]

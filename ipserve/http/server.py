@@ -1,0 +1,166 @@
+"""A worker's HTTP server: accepts connections on its listening sockets,
+at most worker_connections at a time, and ends those whose deadline passed."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import sys
+import time
+
+import gevent
+from gevent.event import Event
+
+from ipserve.http.clientlog import ClientErrorLog
+from ipserve.http.connection import Connection
+from ipserve.http.limits import Limits
+from ipserve.http.response import FileWrapper
+
+SWEEP_INTERVAL = 0.5
+# accept() failing for want of descriptors or memory: the connection stays in
+# the kernel's queue; retry when one of ours closes, or after this long.
+OUT_OF_FDS_RETRY = 1.0
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_ACCEPT_RETRY = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN)
+
+
+def base_environ(listener: socket.socket, extra: dict) -> dict:
+    """The environ keys that are the same for every request on `listener`."""
+    address = listener.getsockname()
+    host, port = (address[0], str(address[1])) if isinstance(address, tuple) else (address, "")
+    return {
+        "SCRIPT_NAME": "", "SERVER_NAME": host, "SERVER_PORT": port,
+        "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
+        "wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": False,
+        "wsgi.input_terminated": True, "wsgi.file_wrapper": FileWrapper, **extra,
+    }
+
+
+class Server:
+    def __init__(self, listeners: list[socket.socket], app, *, limits: Limits, lag,
+                 log: logging.Logger, access_log: logging.Logger | None = None,
+                 environ: dict | None = None):
+        self.listeners = listeners
+        self.app = app
+        self.limits = limits
+        self.lag = lag
+        self.log = log
+        self.access_log = access_log
+        self.environ = environ or {}
+        self.clock = gevent.get_hub().loop.now     # libev's cached monotonic time
+        self.client_errors = ClientErrorLog(log, self.clock)
+        self.open: set[Connection] = set()
+        self.websockets: set = set()
+        self.requests = 0
+        self.shed = 0
+        self.retiring = False
+        self._room = Event()          # set while below worker_connections
+        self._room.set()
+        self._closed_one = Event()    # set whenever a connection closes
+        self._accepters: list[gevent.Greenlet] = []
+        self._sweeper: gevent.Greenlet | None = None
+        self._short_of: str | None = None    # what accept() lacks (warned once per episode)
+
+    @property
+    def connections(self) -> int:
+        return len(self.open)
+
+    def start(self) -> None:
+        for listener in self.listeners:
+            self._accepters.append(gevent.spawn(self._accept_loop, listener,
+                                                base_environ(listener, self.environ)))
+        self._sweeper = gevent.spawn(self._sweep_loop)
+
+    def close(self) -> None:
+        """Stop accepting and close our listening sockets (the master keeps its copies)."""
+        for accepter in self._accepters:
+            accepter.kill(block=False)
+        self._accepters = []
+        for listener in self.listeners:
+            listener.close()
+
+    def retire(self) -> None:
+        """Keep-alive clients are sent elsewhere: each gets Connection: close
+        with its next response. Idle ones are not closed early: a request may
+        be on its way, and closing under it would fail it (they end at
+        `keepalive`)."""
+        self.retiring = True
+
+    def forget(self, connection: Connection) -> None:
+        self.open.discard(connection)
+        self._closed_one.set()
+        if len(self.open) < self.limits.connections:
+            self._room.set()
+
+    # ------------------------------------------------------------ accepting
+    def _accept_loop(self, listener: socket.socket, environ: dict) -> None:
+        limit = self.limits.connections
+        accepted = 0
+        while True:
+            if len(self.open) >= limit:
+                self._short("connections", "worker_connections (%d) reached: not accepting until a "
+                            "connection closes; new clients wait in the kernel's queue", limit)
+                self._room.clear()
+                self._room.wait()
+                continue
+            try:
+                sock, address = listener.accept()
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._short("descriptors", "accept failed (%s): not accepting until a connection "
+                                "closes; new clients wait in the kernel's queue", exc.strerror)
+                    self._closed_one.clear()
+                    self._closed_one.wait(OUT_OF_FDS_RETRY)
+                    continue
+                if exc.errno in _ACCEPT_RETRY:
+                    continue
+                if listener.fileno() == -1 or exc.errno == errno.EBADF:
+                    return          # closed: retiring or stopping
+                raise
+            if self._short_of is not None:
+                self.log.info("accepting again (%d connections held)", len(self.open))
+                self._short_of = None
+            if sock.family != socket.AF_UNIX:
+                # Without it a keep-alive client waits on Nagle x delayed ACK.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection = Connection(self, sock, address, environ)
+            # Counted from the accept: a draining worker must not exit while
+            # a connection it took waits for its greenlet to run.
+            self.open.add(connection)
+            gevent.spawn_raw(connection.serve)
+            accepted += 1
+            if accepted % 100 == 0:
+                gevent.sleep(0)         # a flood of connections must not starve the held ones
+
+    def _short(self, what: str, message: str, *args) -> None:
+        if self._short_of != what:
+            self._short_of = what
+            self.log.warning(message, *args)
+
+    # ------------------------------------------------------------ deadlines
+    def _sweep_loop(self) -> None:
+        while True:
+            gevent.sleep(SWEEP_INTERVAL)
+            self.sweep()
+
+    def sweep(self) -> None:
+        """End the waits whose deadline passed (see Connection.expire)."""
+        now = self.clock()
+        for connection in list(self.open):
+            write = connection.write_deadline
+            if write is not None and write <= now:
+                connection.expire(writing=True)
+                continue
+            read = connection.read_deadline
+            if read is not None and read <= now:
+                connection.expire(writing=False)
+        self.client_errors.flush()
+
+    # ------------------------------------------------------------ access log
+    def log_access(self, connection: Connection, request, started: float) -> None:
+        status = (connection.status or "-")[:3]
+        self.access_log.info('%s - - [%s] "%s %s HTTP/%s" %s %d %.6f', connection.client,
+                             time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(started)),
+                             request.method.decode("ascii"), request.target.decode("latin-1"),
+                             request.version, status, connection.sent, time.time() - started)
