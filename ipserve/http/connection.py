@@ -322,6 +322,11 @@ class Connection:
             self.write_deadline = None
 
     def start_response(self, status: str, headers: list, exc_info=None):
+        websocket = self.websocket
+        if websocket is not None and websocket._open:
+            # After the 101 nothing else goes out: engine.io, for one, answers
+            # its finished WebSocket request with a start_response of its own.
+            return _ignore
         if exc_info is not None:
             try:
                 if self.head_sent:
@@ -330,10 +335,7 @@ class Connection:
                 exc_info = None
         elif self.status is not None:
             raise AssertionError("start_response() called again without exc_info")
-        websocket = self.websocket
         if websocket is not None:
-            if websocket._open:
-                return _ignore          # after the 101 nothing else goes out
             if status[:3] == "101":
                 protocol = next((v for k, v in headers if k.lower() == "sec-websocket-protocol"), None)
                 if protocol is not None and protocol not in offered_protocols(websocket.environ):
