@@ -289,7 +289,8 @@ class Connection:
                 continue
             value = value.decode("latin-1")
             if key in environ:
-                environ[key] += ", " + value
+                # RFC 6265 5.4: cookies are joined with "; ", other fields with ", ".
+                environ[key] += ("; " if key == "HTTP_COOKIE" else ", ") + value
             else:
                 environ[key] = value
         request.headers = []    # in the environ now; a long-lived connection need not keep both
@@ -401,7 +402,7 @@ class Connection:
         elif type(result) is FileWrapper and not self.head_sent and self.status is not None:
             fd = result.fileno()
             if fd is not None:
-                return self.send_file(fd)
+                return self.send_file(result, fd)
         for data in result:
             if data:
                 self.write(data)
@@ -417,9 +418,13 @@ class Connection:
         elif self.framing == Framing.LENGTH and self.sent < self.length:
             self.keep_alive = False       # the body fell short of its Content-Length
 
-    def send_file(self, fd: int) -> None:
-        """wsgi.file_wrapper over a real file: sendfile(2) from its position."""
-        offset = os.lseek(fd, 0, os.SEEK_CUR)
+    def send_file(self, wrapper: FileWrapper, fd: int) -> None:
+        """wsgi.file_wrapper over a real file: sendfile(2) from its position
+        (tell(): a buffered file's descriptor is ahead of what was read)."""
+        try:
+            offset = wrapper.filelike.tell()
+        except (AttributeError, OSError, ValueError):
+            offset = os.lseek(fd, 0, os.SEEK_CUR)
         size = max(0, os.fstat(fd).st_size - offset)
         self.send_head(b"", size)
         if self.framing != Framing.LENGTH:

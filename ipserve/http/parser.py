@@ -112,6 +112,11 @@ class RequestParser:
             self._field_done = False
             if self._head_bytes > self._max_head or self._since_field > self._max_field:
                 raise ClientError(431, "header block too large")
+        if (self.in_head and not self._fields and data[-1:] == b"\n" and self.current.target
+                and self._parser.get_http_version() == "0.0"):
+            # `GET /` and a line end: HTTP/0.9. llhttp would wait for a blank
+            # line; a version, had there been one, would be parsed by now.
+            raise ClientError(400, "request line without an HTTP version")
         if in_chunked_body and not current.complete:
             # (A feed that ends the message may carry the next request: not counted.)
             body = current.received - received

@@ -21,16 +21,25 @@ SWEEP_INTERVAL = 0.5
 # accept() failing for want of descriptors or memory: the connection stays in
 # the kernel's queue; retry when one of ours closes, or after this long.
 OUT_OF_FDS_RETRY = 1.0
+# A shortage (descriptors, worker_connections) is warned about once per this.
+SHORTAGE_WARNING_INTERVAL = 60.0
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _ACCEPT_RETRY = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN)
 
 
-def base_environ(listener: socket.socket, extra: dict) -> dict:
-    """The environ keys that are the same for every request on `listener`."""
+def base_environ(listener: socket.socket, public: dict[int, tuple[str, int]], extra: dict) -> dict:
+    """The environ keys that are the same for every request on `listener`.
+    SERVER_NAME and SERVER_PORT are the public address of its family, not the
+    worker's own port, which NAT routing hides from clients."""
     address = listener.getsockname()
-    host, port = (address[0], str(address[1])) if isinstance(address, tuple) else (address, "")
+    if listener.family in public:
+        host, port = public[listener.family]
+    elif isinstance(address, tuple):
+        host, port = address[0], address[1]
+    else:
+        host, port = address, ""
     return {
-        "SCRIPT_NAME": "", "SERVER_NAME": host, "SERVER_PORT": port,
+        "SCRIPT_NAME": "", "SERVER_NAME": host, "SERVER_PORT": str(port),
         "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
         "wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": False,
         "wsgi.input_terminated": True, "wsgi.file_wrapper": FileWrapper, **extra,
@@ -40,7 +49,7 @@ def base_environ(listener: socket.socket, extra: dict) -> dict:
 class Server:
     def __init__(self, listeners: list[socket.socket], app, *, limits: Limits, lag,
                  log: logging.Logger, access_log: logging.Logger | None = None,
-                 environ: dict | None = None):
+                 environ: dict | None = None, public: dict[int, tuple[str, int]] | None = None):
         self.listeners = listeners
         self.app = app
         self.limits = limits
@@ -48,6 +57,7 @@ class Server:
         self.log = log
         self.access_log = access_log
         self.environ = environ or {}
+        self.public = public or {}      # family -> the (host, port) clients connect to
         self.clock = gevent.get_hub().loop.now     # libev's cached monotonic time
         self.client_errors = ClientErrorLog(log, self.clock)
         self.open: set[Connection] = set()
@@ -60,7 +70,7 @@ class Server:
         self._closed_one = Event()    # set whenever a connection closes
         self._accepters: list[gevent.Greenlet] = []
         self._sweeper: gevent.Greenlet | None = None
-        self._short_of: str | None = None    # what accept() lacks (warned once per episode)
+        self._warned: dict[str, float] = {}  # shortage -> when last warned
 
     @property
     def connections(self) -> int:
@@ -69,7 +79,7 @@ class Server:
     def start(self) -> None:
         for listener in self.listeners:
             self._accepters.append(gevent.spawn(self._accept_loop, listener,
-                                                base_environ(listener, self.environ)))
+                                                base_environ(listener, self.public, self.environ)))
         self._sweeper = gevent.spawn(self._sweep_loop)
 
     def close(self) -> None:
@@ -118,9 +128,6 @@ class Server:
                 if listener.fileno() == -1 or exc.errno == errno.EBADF:
                     return          # closed: retiring or stopping
                 raise
-            if self._short_of is not None:
-                self.log.info("accepting again (%d connections held)", len(self.open))
-                self._short_of = None
             if sock.family != socket.AF_UNIX:
                 # Without it a keep-alive client waits on Nagle x delayed ACK.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -134,9 +141,11 @@ class Server:
                 gevent.sleep(0)         # a flood of connections must not starve the held ones
 
     def _short(self, what: str, message: str, *args) -> None:
-        if self._short_of != what:
-            self._short_of = what
-            self.log.warning(message, *args)
+        now = self.clock()
+        last = self._warned.get(what)
+        if last is None or now - last >= SHORTAGE_WARNING_INTERVAL:
+            self._warned[what] = now
+            self.log.warning(message + " (warned at most once a minute)", *args)
 
     # ------------------------------------------------------------ deadlines
     def _sweep_loop(self) -> None:

@@ -23,7 +23,7 @@ def worker_spec(cfg: Config, slot: int, generation: int, serial: int, control_pa
     return {"name": cfg.name, "slot": slot, "generation": generation, "serial": serial,
             "control": control_path, "master_uid": os.geteuid(), "shared_listeners": shared,
             **{key: values[key] for key in (
-                "app", "chdir", "error_log", "access_log", "log_level", "graceful_timeout",
+                "app", "bind", "chdir", "error_log", "access_log", "log_level", "graceful_timeout",
                 "busy_lag", "block_report", "limit_request_line", "limit_request_fields",
                 "limit_request_field_size", "limit_request_body", "header_timeout",
                 "body_timeout", "keepalive", "worker_connections", "ws_send_timeout",

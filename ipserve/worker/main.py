@@ -25,6 +25,7 @@ import ipserve  # noqa: E402
 
 from ipserve import app as app_loader  # noqa: E402
 from ipserve.app import CHECK_REPORT  # noqa: E402
+from ipserve.config import parse_bind  # noqa: E402
 from ipserve import logs  # noqa: E402
 from ipserve.control import FramingError, LineReader, encode, peer_of  # noqa: E402
 from ipserve.messages import BadMessage, Phase, ToWorker, parse_order  # noqa: E402
@@ -57,6 +58,15 @@ def check_app(spec: str, chdir: str | None) -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(CHECK_REPORT + json.dumps({"rss": rss}), flush=True)
     return 0
+
+
+def public_addresses(binds) -> dict[int, tuple[str, int]]:
+    """Family -> the first public (host, port) of that family, for SERVER_NAME/PORT."""
+    public: dict[int, tuple[str, int]] = {}
+    for text in binds:
+        bind = parse_bind(text)
+        public.setdefault(bind.family, (bind.host, bind.port))
+    return public
 
 
 class Worker:
@@ -109,7 +119,8 @@ class Worker:
         self.port = listeners[0].getsockname()[1]
         self.server = Server(listeners, application, limits=Limits.from_settings(self.spec),
                              lag=self.lag, log=self.log, access_log=self.access_log,
-                             environ={"ipserve.worker": worker_info})
+                             environ={"ipserve.worker": worker_info},
+                             public=public_addresses(self.spec.get("bind", ())))
         self._set_title("ready")
         self.lag.start()
         gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(self.stop, self.spec["graceful_timeout"]))

@@ -7,12 +7,20 @@ really includes it; a zero-filled bytearray could stay unmapped.
 import json
 import os
 
+try:
+    from wsgi_validate import validated          # tests/apps/ is on sys.path
+except ModuleNotFoundError:                      # a copy elsewhere (no WebSocket routes here)
+    from wsgiref.validate import validator as validated
+
 MIB = 1 << 20
 BLOB = bytearray(b"\xa5") * (200 * MIB)
 
 
-def application(environ, start_response):
+def _application(environ, start_response):
     body = json.dumps({"pid": os.getpid(), "blob_mib": len(BLOB) // MIB}).encode()
     start_response("200 OK", [("Content-Type", "application/json"),
                               ("Content-Length", str(len(body)))])
     return [body]
+
+
+application = validated(_application)

@@ -15,6 +15,11 @@ from urllib.parse import parse_qs
 
 import gevent
 
+try:
+    from wsgi_validate import validated          # tests/apps/ is on sys.path
+except ModuleNotFoundError:                      # a copy elsewhere (no WebSocket routes here)
+    from wsgiref.validate import validator as validated
+
 LIMIT = 60.0
 
 
@@ -25,7 +30,7 @@ def _json(start_response, payload):
     return [body]
 
 
-def application(environ, start_response):
+def _application(environ, start_response):
     path = environ.get("PATH_INFO", "/")
     if path == "/hold":
         flag = parse_qs(environ.get("QUERY_STRING", "")).get("f", [""])[0]
@@ -38,3 +43,6 @@ def application(environ, start_response):
             waited += 0.05
         return _json(start_response, {"pid": os.getpid(), "released": os.path.exists(flag)})
     return _json(start_response, {"pid": os.getpid()})
+
+
+application = validated(_application)

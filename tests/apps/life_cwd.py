@@ -5,10 +5,11 @@ probe app's."""
 import json
 import os
 
-from probe import application as probe_application
+from probe import _application as probe_application
+from probe import validated
 
 
-def application(environ, start_response):
+def _application(environ, start_response):
     if environ.get("PATH_INFO", "/") != "/cwd":
         return probe_application(environ, start_response)
     body = json.dumps({"cwd": os.getcwd(), "pid": os.getpid(),
@@ -16,3 +17,6 @@ def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "application/json"),
                               ("Content-Length", str(len(body)))])
     return [body]
+
+
+application = validated(_application)

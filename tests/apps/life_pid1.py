@@ -11,10 +11,11 @@ import os
 import subprocess
 from urllib.parse import parse_qs
 
-from probe import application as probe_application
+from probe import _application as probe_application
+from probe import validated
 
 
-def application(environ, start_response):
+def _application(environ, start_response):
     if environ.get("PATH_INFO", "/") != "/orphan":
         return probe_application(environ, start_response)
     seconds = float(parse_qs(environ.get("QUERY_STRING", "")).get("s", ["0.3"])[0])
@@ -25,3 +26,6 @@ def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "application/json"),
                               ("Content-Length", str(len(body)))])
     return [body]
+
+
+application = validated(_application)

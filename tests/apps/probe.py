@@ -14,6 +14,9 @@ anything else    404
 
 Use it as ``tests/apps/probe.py:application`` (path form) or
 ``tests.apps.probe:application`` with the repository root on sys.path.
+`application` runs plain HTTP requests under wsgiref.validate
+(tests/apps/wsgi_validate.py); `_application` is the bare app, for apps that
+delegate to it and validate themselves.
 """
 
 from __future__ import annotations
@@ -24,6 +27,18 @@ import time
 from urllib.parse import parse_qs
 
 import gevent
+
+try:
+    from wsgi_validate import validated          # tests/apps/ is on sys.path
+except ModuleNotFoundError:
+    # Imported as tests.apps.probe, or a copy elsewhere (tests copy this file
+    # alone): the same as wsgi_validate.validated, inline.
+    from wsgiref.validate import validator
+
+    def validated(app):
+        lint = validator(app)
+        return lambda environ, start_response: (
+            app if "wsgi.websocket" in environ else lint)(environ, start_response)
 
 _LEAK: list[bytearray] = []
 MIB = 1 << 20
@@ -87,7 +102,18 @@ def _busy(environ) -> dict:
             "too_busy_fn": too_busy_fn}
 
 
-def application(environ, start_response):
+def _read_all(stream) -> bytes:
+    """The whole request body, by read(size) until b"" (PEP 3333's read takes a
+    size; the server ends the stream at Content-Length or the last chunk)."""
+    chunks = []
+    while True:
+        chunk = stream.read(MIB)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _application(environ, start_response):
     path = environ.get("PATH_INFO", "/")
     try:
         if path in ("/", "/whoami"):
@@ -108,7 +134,7 @@ def application(environ, start_response):
         if path == "/echo":
             # Reads the body, so the server's body parser (Content-Length,
             # chunked) runs; its errors (IOError) are the server's to answer.
-            body = environ["wsgi.input"].read()
+            body = _read_all(environ["wsgi.input"])
             return _json(start_response, {"length": len(body),
                                           "body": body.decode("latin-1")})
         if path == "/leak":
@@ -121,3 +147,6 @@ def application(environ, start_response):
     except ValueError as exc:
         return _text(start_response, "400 Bad Request", f"{exc}\n")
     return _text(start_response, "404 Not Found", f"no route {path}\n")
+
+
+application = validated(_application)

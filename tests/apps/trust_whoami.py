@@ -4,12 +4,18 @@ At import, if $TRUST_WHOAMI_OUT names a file, appends one JSON line to it:
 {"pid", "uid", "euid", "gid", "check": true for `python -m ipserve.worker
 --check`, "caps": {"CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"} as ints}.
 Serves GET / like the probe app: JSON {"pid", "remote_addr", "worker"}.
-Standard library only.
+Standard library only (wsgi_validate.py, beside it, when there: requests
+run under wsgiref.validate either way).
 """
 
 import json
 import os
 import sys
+
+try:
+    from wsgi_validate import validated          # tests/apps/ is on sys.path
+except ModuleNotFoundError:                      # a copy elsewhere (no WebSocket routes here)
+    from wsgiref.validate import validator as validated
 
 
 def _capabilities() -> dict:
@@ -40,9 +46,12 @@ def _record() -> None:
 _record()
 
 
-def application(environ, start_response):
+def _application(environ, start_response):
     body = json.dumps({"pid": os.getpid(), "remote_addr": environ.get("REMOTE_ADDR"),
                        "worker": environ.get("ipserve.worker")}).encode()
     start_response("200 OK", [("Content-Type", "application/json"),
                               ("Content-Length", str(len(body)))])
     return [body]
+
+
+application = validated(_application)

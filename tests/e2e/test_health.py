@@ -4,7 +4,8 @@ The real `ipserve` command runs in the testbed's server namespace with the nft
 router; clients in the client namespace (198.18.0.16-31: low 4 bits 0..15)
 reach it through the real kernel. Nothing is mocked: memory is real RSS (the
 probe app's /leak touches every page), hub lag is a real busy loop (/block),
-a hung worker is a real SIGSTOP, hostile clients are raw sockets.
+a hung worker is a real SIGSTOP. Hostile clients (malformed requests,
+limits, slowloris, keep-alive idling) are in test_http_hostile.py.
 
 With two workers, slot = address & 1: even last octets go to slot 0, odd ones
 to slot 1. Assertions never compare durations: waits are bounded polls of
@@ -14,14 +15,12 @@ states, log lines, status codes), memory bounds and counts.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -32,7 +31,7 @@ import pytest
 
 import netns
 from backends import routed_workers, slot_of
-from netns import HttpClient, http_get, tcp_connect, ws_connect, ws_ending
+from netns import http_get, ws_connect, ws_ending
 
 PORT = 8000
 MIB = 1 << 20
@@ -453,286 +452,6 @@ def test_requests_caught_by_stopped_worker_are_not_stranded(testbed, ipserve):
     outcomes = [t.result for t in caught if not t.is_alive()]
     print(f"caught by the stopped worker: {outcomes}, {hanging} still waiting")
     assert hanging == 0, f"{hanging} of {len(caught)} requests still wait on a dead worker's backlog"
-
-
-# --------------------------------------------------------------------------- #
-# Hostile clients
-# --------------------------------------------------------------------------- #
-
-LIMITS = ["--limit-request-line", "512", "--limit-request-fields", "20",
-          "--limit-request-field-size", "1024"]
-HOST = b"Host: example\r\n"
-
-
-def _chunked(body: bytes, path: bytes = b"/echo") -> bytes:
-    return (b"POST " + path + b" HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n" + body)
-
-
-# name -> (request bytes, what may come back: statuses, and CLOSED for a
-# connection closed without an answer). Where the server stops reading at a
-# limit, it closes with request bytes unread, which may reset the connection
-# before its answer is read: there a bare close is acceptable too.
-CLOSED = None
-CORPUS: dict[str, tuple[bytes, set]] = {
-    "request line over limit_request_line":
-        (b"GET /" + b"a" * 700 + b" HTTP/1.1\r\n" + HOST + b"\r\n", {414, CLOSED}),
-    "more headers than limit_request_fields":
-        (b"GET / HTTP/1.1\r\n" + HOST + b"".join(b"X-%d: y\r\n" % i for i in range(30)) + b"\r\n",
-         {431, CLOSED}),
-    "header line over limit_request_field_size":
-        (b"GET / HTTP/1.1\r\n" + HOST + b"X-Big: " + b"a" * 1500 + b"\r\n\r\n", {431, CLOSED}),
-    "chunk size not hex": (_chunked(b"zz\r\nhello\r\n0\r\n\r\n"), {400}),
-    "chunk data longer than its size": (_chunked(b"5\r\nhelloXX\r\n0\r\n\r\n"), {400}),
-    "chunk size overflow": (_chunked(b"f" * 40 + b"\r\nx\r\n0\r\n\r\n"), {400}),
-    "chunk extension too long": (_chunked(b"5;" + b"e" * 10000 + b"\r\nhello\r\n0\r\n\r\n"),
-                                 {400, CLOSED}),
-    "body ends inside a chunk": (_chunked(b"10\r\nshort"), {400}),
-    "header without colon": (b"GET / HTTP/1.1\r\n" + HOST + b"NoColonHere\r\n\r\n", {400}),
-    "whitespace before colon": (b"GET / HTTP/1.1\r\n" + HOST + b"X-A : b\r\n\r\n", {400}),
-    "header name not a token": (b"GET / HTTP/1.1\r\n" + HOST + b"Bad[Name]: b\r\n\r\n", {400}),
-    "obs-fold continuation line": (b"GET / HTTP/1.1\r\n" + HOST + b"X-A: b\r\n  folded\r\n\r\n",
-                                   {400}),
-    "NUL in header value": (b"GET / HTTP/1.1\r\n" + HOST + b"X-A: b\x00c\r\n\r\n", {400}),
-    "NUL in header name": (b"GET / HTTP/1.1\r\n" + HOST + b"X\x00A: b\r\n\r\n", {400}),
-    "bare CR in header": (b"GET / HTTP/1.1\r\n" + HOST + b"X-A: b\rX-B: c\r\n\r\n", {400}),
-    "NUL in request line": (b"GET /\x00\x00 HTTP/1.1\r\n" + HOST + b"\r\n", {400}),
-    "invalid HTTP version": (b"GET / HTTP/9.9\r\n" + HOST + b"\r\n", {400, 505}),
-    "non-numeric HTTP version": (b"GET / HTTP/1.x\r\n" + HOST + b"\r\n", {400, 505}),
-    "not HTTP": (b"GET / FOO/1.1\r\n" + HOST + b"\r\n", {400, 505}),
-    "HTTP/0.9 request line": (b"GET /\r\n", {400, 505}),
-    "request line of four words": (b"GET / HTTP/1.1 extra\r\n" + HOST + b"\r\n", {400}),
-    "method only": (b"GET\r\n\r\n", {400}),
-    "bare CR line ends": (b"GET / HTTP/1.1\rHost: x\r\r\n", {400}),
-    "negative Content-Length": (b"POST /echo HTTP/1.1\r\n" + HOST + b"Content-Length: -5\r\n\r\n",
-                                {400}),
-    "non-numeric Content-Length": (b"POST /echo HTTP/1.1\r\n" + HOST
-                                   + b"Content-Length: abc\r\n\r\n", {400}),
-    "conflicting Content-Lengths": (b"POST /echo HTTP/1.1\r\n" + HOST
-                                    + b"Content-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
-                                    {400}),
-    "Content-Length with chunked": (b"POST /echo HTTP/1.1\r\n" + HOST + b"Content-Length: 3\r\n"
-                                    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", {400}),
-    "Transfer-Encoding not chunked": (b"POST /echo HTTP/1.1\r\n" + HOST
-                                      + b"Transfer-Encoding: gzip\r\n\r\n0\r\n\r\n", {400, 501}),
-    "Transfer-Encoding twice": (b"POST /echo HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n"
-                                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", {400, 501}),
-    "body shorter than Content-Length": (b"POST /echo HTTP/1.1\r\n" + HOST
-                                         + b"Content-Length: 10\r\n\r\nabc", {400}),
-    "HEAD with a body": (b"HEAD / HTTP/1.1\r\n" + HOST + b"Content-Length: 5\r\n\r\nabcde", {400}),
-    "bare LF garbage": (b"\n\n\n\n\n", {400}),
-    "binary garbage (TLS hello)": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)),
-                                   {400}),
-    "NUL bytes only": (b"\x00" * 64 + b"\r\n\r\n", {400}),
-    "EOF inside the headers": (b"GET / HTTP/1.1\r\n" + HOST, {400}),
-}
-HALF_CLOSE = {"EOF inside the headers", "body ends inside a chunk",
-              "body shorter than Content-Length"}
-
-
-def send_raw(tb, src: str, payload: bytes, half_close: bool = False,
-             timeout: float = 3.0) -> tuple[int | None, str]:
-    """Send `payload` on a fresh connection and read what comes back.
-
-    Returns (status, how): status None when the server closed without an
-    answer. `how` says how the exchange ended: "closed" (EOF or reset after
-    the answer, or instead of one), "open" (a complete keep-alive answer),
-    or "hang" (nothing within `timeout`)."""
-    sock = tcp_connect(tb.client_ns, src, tb.server_ip, PORT, timeout=timeout)
-    try:
-        try:
-            sock.sendall(payload)
-            if half_close:
-                sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass                             # it may have answered before closing: read on
-        resp = http.client.HTTPResponse(sock)
-        try:
-            resp.begin()
-            resp.read()
-        except (http.client.RemoteDisconnected, ConnectionResetError):
-            return None, "closed"
-        except (socket.timeout, TimeoutError):
-            return None, "hang"
-        if not resp.will_close:
-            return resp.status, "open"
-        try:
-            rest = sock.recv(4096)
-        except ConnectionResetError:
-            rest = b""
-        except (socket.timeout, TimeoutError):
-            return resp.status, "hang"
-        return resp.status, "closed" if rest == b"" else f"more data after close: {rest[:80]!r}"
-    finally:
-        sock.close()
-
-
-def check_outcome(name: str, outcome: tuple[int | None, str]) -> str | None:
-    """None if `outcome` is acceptable for corpus entry `name`, else why not."""
-    status, how = outcome
-    allowed = CORPUS[name][1]
-    if how == "hang":
-        return f"{name}: no answer and no close within the timeout"
-    if how not in ("closed", "open"):
-        return f"{name}: {how}"
-    if status is None:
-        return None if CLOSED in allowed else f"{name}: closed without an answer"
-    if not 400 <= status < 500 or status not in allowed:
-        return f"{name}: HTTP {status}, expected {sorted(a for a in allowed if a)}"
-    return None
-
-
-def test_invalid_requests_get_4xx_or_close_and_leave_rss_flat(testbed, ipserve):
-    srv, table = serve(ipserve, workers=1, extra=[*LIMITS, "--header-timeout", "10s"])
-    pid = table[0]["pid"]
-    srcs = testbed.client_ips
-
-    # Requests at the limits are fine (the limits are not off by a lot).
-    ok = b"GET /" + b"a" * 400 + b" HTTP/1.1\r\n" + HOST + b"".join(
-        b"X-%d: %s\r\n" % (i, b"v" * 900 if i == 0 else b"y") for i in range(18)) + b"\r\n"
-    assert send_raw(testbed, srcs[0], ok) == (404, "open")
-
-    problems = []
-    for name, (payload, _) in CORPUS.items():
-        outcome = send_raw(testbed, srcs[1], payload, half_close=name in HALF_CLOSE)
-        if (why := check_outcome(name, outcome)) is not None:
-            problems.append(why)
-    assert problems == [], "\n".join(problems)
-    st = srv.status()
-    assert routed_workers(st, 1)[0]["pid"] == pid, "the worker was replaced"
-    assert get_json(testbed, srcs[2])["pid"] == pid
-    assert "Traceback" not in srv.log_text(), srv.log_tail(80)
-
-    # Memory: warm up, then 1,000 more invalid requests. The master measures
-    # RSS once a second: wait for a fresh measurement each time.
-    names = list(CORPUS)
-
-    def hammer(n: int) -> None:
-        for i in range(n):
-            name = names[i % len(names)]
-            outcome = send_raw(testbed, srcs[i % len(srcs)], CORPUS[name][0],
-                               half_close=name in HALF_CLOSE)
-            assert check_outcome(name, outcome) is None, (i, check_outcome(name, outcome))
-
-    def fresh_rss() -> int:
-        time.sleep(1.2)
-        return worker(srv.status(), pid)["rss"]
-
-    hammer(200)
-    rss_before = fresh_rss()
-    hammer(1000)
-    rss_after = fresh_rss()
-    assert routed_workers(srv.status(), 1)[0]["pid"] == pid
-    assert get_json(testbed, srcs[3])["pid"] == pid
-    growth = rss_after - rss_before
-    print(f"RSS before {rss_before / MIB:.2f} MiB, after 1000 invalid requests "
-          f"{rss_after / MIB:.2f} MiB ({growth / 1024:+.0f} KiB)")
-    # A bound, not a timing: ~20 KiB is what 1,000 requests cost here. One
-    # traceback chain kept per refused request (with its handler frames) was
-    # ~4 KiB per request, several MiB per thousand.
-    assert growth < 2 * MIB, f"RSS grew {growth / MIB:.1f} MiB over 1000 invalid requests"
-
-
-def dribble(sock: socket.socket, data: bytes) -> tuple[int, bytes, str]:
-    """Send `data` one byte a second until the server answers or closes.
-    Returns (bytes sent, what the server sent, how it ended)."""
-    sent = 0
-    sock.settimeout(1.0)
-    for byte in (data[i:i + 1] for i in range(len(data))):
-        try:
-            sock.sendall(byte)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            return sent, b"", f"send failed: {exc!r}"
-        sent += 1
-        try:
-            got = sock.recv(4096)
-        except (socket.timeout, TimeoutError):
-            continue
-        except ConnectionResetError:
-            return sent, b"", "reset"
-        if not got:
-            return sent, b"", "eof"
-        rest = got
-        sock.settimeout(5.0)
-        try:
-            while chunk := sock.recv(4096):
-                rest += chunk
-        except (socket.timeout, TimeoutError, ConnectionResetError):
-            return sent, rest, "answered, not closed"
-        return sent, rest, "answered and closed"
-    return sent, b"", "never closed"
-
-
-def test_slowloris_closed_after_header_timeout(testbed, ipserve):
-    srv, table = serve(ipserve, workers=1, extra=["--header-timeout", "2s"])
-    pid = table[0]["pid"]
-    cases = {                           # name -> (sent at once, then one byte a second)
-        "request line": (b"", b"GET /whoami HTTP/1.1\r\n" + HOST + b"\r\n"),
-        "headers": (b"GET /whoami HTTP/1.1\r\n" + HOST,
-                    b"".join(b"X-Padding-%d: some value\r\n" % i for i in range(10)) + b"\r\n"),
-    }
-
-    def attack(prefix: bytes, trickle: bytes, src: str):
-        sock = tcp_connect(testbed.client_ns, src, testbed.server_ip, PORT, timeout=5)
-        try:
-            if prefix:
-                sock.sendall(prefix)
-            return (len(trickle), *dribble(sock, trickle))
-        finally:
-            sock.close()
-
-    srcs = testbed.client_ips
-    attacks = {name: Bg(lambda p=p, t=t, s=s: attack(p, t, s))
-               for (name, (p, t)), s in zip(cases.items(), srcs)}
-    # A connection that sends nothing at all is also closed.
-    silent = tcp_connect(testbed.client_ns, srcs[5], testbed.server_ip, PORT, timeout=30)
-    try:
-        silent_got = b""
-        while chunk := silent.recv(4096):
-            silent_got += chunk
-    finally:
-        silent.close()
-    for name, t in attacks.items():
-        total, sent, got, how = t.value(timeout=60)
-        assert how in ("eof", "reset", "answered and closed") or how.startswith("send failed"), \
-            f"{name}: {how} after {sent} bytes"
-        assert sent < total, f"{name}: the whole request was sent before the server closed"
-        if got:
-            assert got.startswith(b"HTTP/1.1 408 "), (name, got)
-    assert silent_got == b"" or silent_got.startswith(b"HTTP/1.1 408 "), silent_got
-    # The worker is unharmed.
-    assert get_json(testbed, srcs[6])["pid"] == pid
-    assert routed_workers(srv.status(), 1)[0]["pid"] == pid
-
-
-def test_keepalive_idle_connection_closed(testbed, ipserve):
-    srv, table = serve(ipserve, workers=1, extra=["--keepalive", "1s", "--header-timeout", "60s"])
-    pid = table[0]["pid"]
-    src, fresh_src = testbed.client_ips[:2]
-    # A connection that has sent no request yet is governed by header_timeout
-    # (60 s here), not by keepalive: it must outlive the idle keep-alive one.
-    fresh = tcp_connect(testbed.client_ns, fresh_src, testbed.server_ip, PORT, timeout=5)
-    try:
-        with HttpClient(testbed.client_ns, src, testbed.server_ip, PORT, timeout=10) as client:
-            for _ in range(3):          # back to back: one connection serves them all
-                assert client.json("/whoami")["pid"] == pid
-            assert client.connects == 1
-            sock = client.sock
-            sock.settimeout(20)
-            # Idle: the server ends the connection (a plain close, no 408).
-            assert sock.recv(4096) == b""
-            with pytest.raises(ConnectionError):
-                client.get("/whoami")
-        fresh.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            fresh.recv(1)           # still open, nothing sent: header_timeout not reached
-        fresh.setblocking(True)
-        fresh.settimeout(10)
-        fresh.sendall(b"GET /whoami HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n")
-        resp = http.client.HTTPResponse(fresh)
-        resp.begin()
-        assert resp.status == 200 and json.loads(resp.read())["pid"] == pid
-    finally:
-        fresh.close()
 
 
 # --------------------------------------------------------------------------- #
