@@ -31,6 +31,7 @@ import os
 
 import gevent.queue
 from flask import Flask, Response, abort, jsonify, request
+from wsgi_validate import validated    # tests/apps/ is on sys.path (APP given as a path)
 
 app = Flask(__name__)
 
@@ -114,4 +115,4 @@ def release():
     return jsonify(**_who(), released=True, gate=gate)
 
 
-application = app
+application = validated(app)

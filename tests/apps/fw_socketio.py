@@ -26,6 +26,7 @@ from urllib.parse import parse_qs
 
 from flask import Flask, jsonify, request
 from flask_socketio import SocketIO, emit, join_room
+from wsgi_validate import validated    # tests/apps/ is on sys.path (APP given as a path)
 
 app = Flask(__name__)
 socketio = SocketIO(app, async_mode="gevent")
@@ -114,4 +115,4 @@ def _record_engineio_requests(wsgi_app):
     return middleware
 
 
-application = _record_engineio_requests(app)
+application = validated(_record_engineio_requests(app))

@@ -31,6 +31,7 @@ import json
 import os
 from collections import Counter
 from urllib.parse import parse_qs
+from wsgi_validate import validated    # tests/apps/ is on sys.path (APP given as a path)
 
 MIB = 1 << 20
 CALLS: Counter = Counter()
@@ -117,4 +118,5 @@ def app_protocol(path: str) -> str | None:
     return "chat" if path == "/ws-app-protocol" else None
 
 
+application = validated(application)
 application.app_protocol = app_protocol
