@@ -81,6 +81,48 @@ def source_address(c: netns.ClientNs) -> str:
     return c.ips[c.index % len(c.ips)]
 
 
+def ns_sysctl(ns: str, settings: dict[str, str]) -> dict[str, str]:
+    """Set net.* sysctls inside namespace `ns` (most are per namespace: they die
+    with it). Returns the values read back."""
+    out = {}
+    for key, value in settings.items():
+        netns.call_in(ns, ["sysctl", "-qw", f"{key}={value}"])
+        out[key] = netns.call_in(ns, ["sysctl", "-n", key]).stdout.strip().replace("\t", " ")
+    return out
+
+
+def tune_clients_for_new_connections(tb: netns.Testbed) -> dict[str, str]:
+    """A request per connection (Connection: close) opens thousands of
+    connections a second from one source address per client namespace: give
+    each namespace the whole port range and let it reuse TIME_WAIT ports."""
+    got = {}
+    for c in tb.clients:
+        got = ns_sysctl(c.ns, {"net.ipv4.ip_local_port_range": "1024 65535",
+                               "net.ipv4.tcp_tw_reuse": "1"})
+    return got
+
+
+def conntrack(ns: str) -> dict:
+    """Connection tracking in `ns`: entries now, the (global) maximum, and
+    drops/insert failures counted so far (per namespace). {} if not loaded."""
+    out: dict = {}
+    r = netns.call_in(ns, ["cat", "/proc/sys/net/netfilter/nf_conntrack_count",
+                           "/proc/sys/net/netfilter/nf_conntrack_max"], check=False)
+    vals = r.stdout.split()
+    if r.returncode != 0 or len(vals) != 2:
+        return out
+    out["count"], out["max"] = int(vals[0]), int(vals[1])
+    r = netns.call_in(ns, ["cat", "/proc/net/stat/nf_conntrack"], check=False)
+    lines = r.stdout.split("\n")
+    if r.returncode == 0 and len(lines) > 1:
+        head = lines[0].split()
+        for key in ("drop", "early_drop", "insert_failed", "search_restart"):
+            if key in head:
+                i = head.index(key)
+                out[key] = sum(int(line.split()[i], 16) for line in lines[1:] if line.strip())
+    return out
+
+
 # --------------------------------------------------------------------------- #
 # wrk
 # --------------------------------------------------------------------------- #
@@ -128,7 +170,8 @@ def parse_wrk(out: str) -> WrkResult:
     if m:
         r.non2xx = int(m.group(1))
     for pct, attr in (("50", "latency_p50_ms"), ("99", "latency_p99_ms")):
-        m = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
+        # wrk: "     99%   12.34ms"; wrk2: " 99.000%   12.34ms"
+        m = re.search(rf"^\s+{pct}(?:\.0+)?%\s+(\S+)", out, re.M)
         if m:
             setattr(r, attr, _ms(m.group(1)))
     return r
@@ -170,14 +213,33 @@ class LoadResult:
 
 class Load:
     """One wrk per client namespace, started together, each to the server
-    address on its own link."""
+    address on its own link.
+
+    headers: extra request headers (wrk -H), e.g. ["Connection: close"].
+    rate: offered requests/s of EACH wrk process (None: as fast as it can,
+    a closed loop over `connections`). With wrk2 (`wrk2=path`) that is its
+    -R; with plain wrk it is `pacing_script()`, a Lua delay() schedule.
+    script_dir: where that Lua file is written (a directory removed later).
+    """
 
     def __init__(self, tb: netns.Testbed, wrk: str, port: int, duration: float,
-                 connections: int, threads: int = 1, path: str = "/", timeout: str = "2s"):
+                 connections: int, threads: int = 1, path: str = "/", timeout: str = "2s",
+                 headers: list[str] | tuple = (), rate: float | None = None,
+                 wrk2: str | None = None, script_dir: str | None = None):
         self.procs = []
+        extra: list[str] = []
+        for h in headers:
+            extra += ["-H", h]
+        exe = wrk
+        if rate:
+            if wrk2:
+                exe = wrk2
+                extra += [f"-R{max(1, round(rate))}"]
+            else:
+                extra += ["-s", pacing_script(rate / threads, script_dir)]
         for c in tb.clients:
-            argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration:g}s",
-                    f"--timeout={timeout}", "--latency",
+            argv = [exe, f"-t{threads}", f"-c{connections}", f"-d{duration:g}s",
+                    f"--timeout={timeout}", "--latency", *extra,
                     f"http://{c.server_ip}:{port}{path}"]
             self.procs.append(tb.run_in(c.ns, argv, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True))
@@ -193,6 +255,48 @@ class Load:
                 out, _ = p.communicate()
             result.per_client.append(parse_wrk(out or ""))
         return result
+
+
+# wrk (4.x, LuaJIT) has no rate option; wrk2 (-R) is not packaged by Debian.
+# This script gives each wrk thread a fixed schedule: the k-th request is due
+# k/rate seconds after the first, and delay() holds a free connection until
+# its request is due (a late one goes at once: a server that falls behind is
+# sent the backlog, as wrk2 does). Offered load is `rate` as long as a
+# connection is free when a request falls due. Unlike wrk2, latency is
+# measured from the actual send, not from the due time (no correction for
+# coordinated omission): raise -c so connections are never all busy.
+_PACING_LUA = """\
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } ipserve_timespec;
+int clock_gettime(int clk_id, ipserve_timespec *tp);
+]]
+local ts = ffi.new("ipserve_timespec")
+local function now_ms()
+  ffi.C.clock_gettime(1, ts)   -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
+local interval = 1000 / RATE
+local due = nil
+function delay()
+  local t = now_ms()
+  if due == nil then due = t end
+  local wait = due - t
+  due = due + interval
+  if wait <= 0 then return 0 end
+  return math.floor(wait + 0.5)
+end
+"""
+
+
+def pacing_script(rate_per_thread: float, directory: str | None = None) -> str:
+    """Write the pacing Lua script for `rate_per_thread` requests/s; returns its path."""
+    import tempfile
+    fd, path = tempfile.mkstemp(prefix="pace-", suffix=".lua", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        f.write(_PACING_LUA.replace("RATE", repr(float(rate_per_thread)), 1))
+    os.chmod(path, 0o644)
+    return path
 
 
 def run_load(tb, wrk, port, duration, connections, **kw) -> LoadResult:
@@ -218,6 +322,61 @@ def wait_http(tb: netns.Testbed, port: int, path: str = "/", timeout: float = 30
                 raise netns.HarnessError(f"no HTTP 200 on {c.server_ip}:{port}{path} "
                                          f"from {c.ns} in {timeout}s")
             time.sleep(0.1)
+
+
+def check_connection_close(ns: str, src_ip: str | None, dst_ip: str, port: int,
+                           path: str = "/", timeout: float = 5) -> dict:
+    """One `Connection: close` request on a raw socket: does the response say
+    `Connection: close`, and does the server then close the connection?"""
+    out = {"status": None, "connection_header": None, "says_close": False,
+           "server_closed": False, "close_after_ms": None, "error": None}
+    try:
+        sock = netns.tcp_connect(ns, src_ip, dst_ip, port, timeout=timeout)
+    except OSError as exc:
+        out["error"] = f"connect: {exc}"
+        return out
+    try:
+        t0 = time.monotonic()
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {dst_ip}:{port}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            except OSError as exc:              # a reset also ends it
+                out["error"] = f"recv: {exc}"
+                out["server_closed"] = True
+                break
+            if not chunk:
+                out["server_closed"] = True
+                break
+            data += chunk
+        if out["server_closed"]:
+            out["close_after_ms"] = round(1000 * (time.monotonic() - t0), 1)
+        head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+        lines = head.split("\r\n")
+        if lines and lines[0].startswith("HTTP/"):
+            out["status"] = lines[0]
+        values = [line.split(":", 1)[1].strip() for line in lines[1:]
+                  if line.lower().startswith("connection:")]
+        out["connection_header"] = ", ".join(values) if values else None
+        out["says_close"] = any("close" in v.lower() for v in values)
+    finally:
+        sock.close()
+    return out
+
+
+def describe_close_check(r: dict) -> str:
+    if r.get("error") and not r.get("status"):
+        return f"FAILED: {r['error']}"
+    hdr = r["connection_header"]
+    said = f"answered with 'Connection: {hdr}'" if hdr else "answered with no Connection header"
+    closed = (f"closed the connection {r['close_after_ms']:.0f} ms after the request"
+              if r["server_closed"] else "did NOT close the connection (5 s)")
+    ok = "ok" if r["says_close"] and r["server_closed"] else "NOT OK"
+    return f"{ok}: {said}, {closed}"
 
 
 class Gunicorn:
@@ -265,7 +424,7 @@ class Gunicorn:
         return netns._tail(self.log_path, n)
 
 
-_HELP: dict[str, str] = {}
+_HELP: dict = {}
 
 
 def _gunicorn_has(gunicorn: str, flag: str) -> bool:
@@ -310,6 +469,51 @@ def system_busy(before: list[int], after: list[int]) -> dict:
     return {"busy": round(1 - idle / total, 3), "steal": round(d[7] / total, 3)}
 
 
+def descendants_of(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = children_of(todo.pop())
+        out += kids
+        todo += kids
+    return sorted(out)
+
+
+def raise_nofile(need: int) -> tuple[int, int, str | None]:
+    """Raise this process's RLIMIT_NOFILE to at least `need` if it can (the
+    hard limit too, which takes CAP_SYS_RESOURCE; bounded by fs.nr_open), else
+    the soft limit to the hard one. Processes started after this inherit it.
+    Returns (soft, hard, why the hard limit could not be raised, or None)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with open("/proc/sys/fs/nr_open") as f:
+        nr_open = int(f.read())
+    want = min(need, nr_open)
+    why = None
+    if hard != resource.RLIM_INFINITY and hard < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+        except (ValueError, OSError) as exc:
+            why = (f"the hard limit {hard} cannot be raised to {want} ({exc}: "
+                   "no CAP_SYS_RESOURCE here)")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft, hard, why
+
+
+def rss_kib(pid: int) -> int | None:
+    """VmRSS of `pid` in KiB (None if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def ipserve_worker_pids(proc: netns.IpserveProcess) -> list[int]:
     st = proc.status()
     return sorted(w["pid"] for w in st["workers"] if w.get("state") == "active")
@@ -350,6 +554,44 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def code_fingerprint() -> str:
+    """A short hash of every ipserve/**.py file's content: which server code a
+    measurement ran against, even when the tree changes during a run. (A
+    worker imports its code at start: each server start takes the tree as it
+    is then.)"""
+    import hashlib
+    h = hashlib.sha1()
+    base = os.path.join(REPO, "ipserve")
+    for root, dirs, files in sorted(os.walk(base)):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                h.update(os.path.relpath(path, REPO).encode() + b"\0")
+                try:
+                    with open(path, "rb") as f:
+                        h.update(f.read())
+                except OSError:
+                    pass
+    return h.hexdigest()[:12]
+
+
+def ipserve_has_option(flag: str) -> bool:
+    """Does this tree's `ipserve --help` list `flag`? (Options come and go.)"""
+    key = ("ipserve", flag)
+    if key not in _HELP:
+        _HELP[key] = subprocess.run([sys.executable, "-m", "ipserve.cli", "--help"], cwd=REPO,
+                                    capture_output=True, text=True).stdout
+    return flag in _HELP[key]
+
+
+def describe_code(m: dict) -> str:
+    dirty = len(m.get("git_dirty") or [])
+    return (f"ipserve at commit {m.get('git_commit')}"
+            + (f" + {dirty} changed file(s) under ipserve/" if dirty else "")
+            + f", code fingerprint {m.get('code_fingerprint')}")
+
+
 def machine() -> dict:
     load = os.getloadavg()
     def git(*a):
@@ -360,6 +602,7 @@ def machine() -> dict:
             return None
     return {"git_commit": git("rev-parse", "--short", "HEAD"),
             "git_dirty": (git("status", "--porcelain", "--", "ipserve") or "").splitlines(),
+            "code_fingerprint": code_fingerprint(),
             "host": socket.gethostname(), "cpus": os.cpu_count(),
             "loadavg_at_start": [round(x, 2) for x in load],
             "python": sys.version.split()[0], "kernel": os.uname().release}
