@@ -17,7 +17,12 @@ from ipserve.http.body import Input
 from ipserve.http.errors import ClientError, ClientGone, error_response
 from ipserve.http.parser import Request, RequestParser
 from ipserve.http.response import LAST_CHUNK, FileWrapper, Framing, build_head, chunk
-from ipserve.http.websocket import WebSocket, check_handshake, is_upgrade, offered_protocols
+from ipserve.http.websocket import (
+    WebSocket,
+    check_handshake,
+    is_upgrade,
+    offered_protocols,
+)
 
 RECV_SIZE = 65536
 # A body the application left unread is read and thrown away if at most this

@@ -22,7 +22,7 @@ class Limits:
     shed_load: bool = False
 
     @classmethod
-    def from_settings(cls, settings: dict) -> "Limits":
+    def from_settings(cls, settings: dict) -> Limits:
         return cls(request_line=settings["limit_request_line"],
                    fields=settings["limit_request_fields"],
                    field_size=settings["limit_request_field_size"],

@@ -14,7 +14,7 @@ import hashlib
 import struct
 
 from gevent.lock import Semaphore
-from geventwebsocket.exceptions import WebSocketError   # what apps already catch
+from geventwebsocket.exceptions import WebSocketError  # what apps already catch
 
 from ipserve.http.errors import ClientError, ClientGone
 
