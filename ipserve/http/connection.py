@@ -210,8 +210,8 @@ class Connection:
                     close()
                 except Exception:
                     server.log.exception("error closing the application's response")
-        if started:
-            server.log_access(self, request, started)
+            if started:
+                server.log_access(self, request, started)
         if websocket is not None:
             if websocket._open and not websocket.closed:
                 websocket.close()
