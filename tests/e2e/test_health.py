@@ -319,7 +319,12 @@ def test_shed_load_answers_503_while_blocked(testbed, ipserve):
         block = Bg(lambda: get_json(testbed, block_src, "/block?s=3", timeout=30))
         wait_spinning(a["pid"], cpu0)
         ws.send("during")                   # queued in the socket, echoed after the block
-        plain = [Bg(lambda s=s: get(testbed, s, "/whoami", timeout=30)) for s in srcs]
+        # Half of them carry `Upgrade: websocket` without `Connection: upgrade`:
+        # plain requests still, which must not slip past the shedding.
+        upgrade = {"Upgrade": "websocket"}
+        plain = [Bg(lambda s=s, i=i: get(testbed, s, "/whoami", timeout=30,
+                                         headers=upgrade if i % 2 else None))
+                 for i, s in enumerate(srcs)]
         # The other worker is not busy and sheds nothing.
         assert get_json(testbed, slot_addrs(testbed, 1)[0])["pid"] == table[1]["pid"]
         assert block.value()["pid"] == a["pid"]
@@ -331,6 +336,7 @@ def test_shed_load_answers_503_while_blocked(testbed, ipserve):
         # a 3 s block it is certain, and these requests are handled then.
         assert shed, f"no request was shed: {codes}"
         assert all(h.get("retry-after", "").isdigit() for _, h in shed), shed
+        assert 503 in codes[1::2], f"requests with Upgrade: websocket were not shed: {codes}"
         # Open WebSockets are never shed or dropped.
         assert ws.recv() == "during"
         ws.send("after")
