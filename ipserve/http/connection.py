@@ -515,14 +515,19 @@ class Connection:
             pass
 
     def close(self) -> None:
-        if self.websocket is not None:
-            self.server.websockets.discard(self.websocket)
         if self.unclean and not self.timed_out:
             self.linger()
         try:
             self.sock.close()
         except OSError:
             pass
+        # Break the reference cycles (parser <-> callbacks, WebSocket <->
+        # connection) here rather than leave them to the garbage collector.
+        if self.parser is not None:
+            self.parser.close()
+        if self.websocket is not None:
+            self.server.websockets.discard(self.websocket)
+            self.websocket = None
         self.server.forget(self)
 
     def linger(self) -> None:

@@ -128,6 +128,11 @@ class RequestParser:
                 raise ClientError(400, "chunked framing too large for its body")
         return None
 
+    def close(self) -> None:
+        """Drop the llhttp parser, which holds our bound callbacks: the cycle
+        would otherwise wait for the garbage collector, once per connection."""
+        self._parser = None
+
     # ------------------------------------------------------------ llhttp callbacks
     def on_message_begin(self) -> None:
         self.current = Request()

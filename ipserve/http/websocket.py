@@ -134,8 +134,8 @@ class WebSocket:
         the connection is closed (by the client, or for its protocol error)."""
         if self.closed:
             raise WebSocketError("Connection is already closed")
-        self.accept()
         try:
+            self.accept()
             return self.read_message()
         except ProtocolError as exc:
             self._fail(exc.code, str(exc))
@@ -157,13 +157,13 @@ class WebSocket:
         self.send_frame(message, BINARY if binary else TEXT)
 
     def send_frame(self, payload: bytes, opcode: int) -> None:
-        self.accept()
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
         data = frame_header(opcode, len(payload)) + payload
         if self._send_lock is None:
             self._send_lock = Semaphore()
         try:
+            self.accept()
             with self._send_lock:   # greenlets sending at once must not interleave frames
                 self._connection.send_ws(data)
         except OSError as exc:
