@@ -77,6 +77,27 @@ def make_testbed(n_clients: int = 4) -> netns.Testbed:
     return tb
 
 
+def stop_all(targets, tb: netns.Testbed) -> None:
+    """Stop every server of a benchmark (reporting, not raising, what fails),
+    then remove the testbed."""
+    for t in targets:
+        try:
+            t.stop()
+        except Exception as exc:            # noqa: BLE001
+            print(f"bench: stopping {t.label}: {exc}", file=sys.stderr)
+    tb.close()
+
+
+def run_main(main, removed: str = "namespaces and servers") -> None:
+    """Run a benchmark's main(); Ctrl-C exits 130 once its `finally` blocks
+    have removed what it made."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print(f"\nbench: interrupted; {removed} removed", file=sys.stderr)
+        sys.exit(130)
+
+
 def source_address(c: netns.ClientNs) -> str:
     return c.ips[c.index % len(c.ips)]
 

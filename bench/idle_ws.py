@@ -903,9 +903,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\nbench: interrupted; namespaces, servers and client processes removed",
-              file=sys.stderr)
-        sys.exit(130)
+    common.run_main(main, "namespaces, servers and client processes")

@@ -200,12 +200,7 @@ def main(argv=None) -> int:
                             conntrack_peak.update(ct)
                     t.rounds[mode].append(rec)
     finally:
-        for t in targets:
-            try:
-                t.stop()
-            except Exception as exc:            # noqa: BLE001
-                print(f"bench: stopping {t.label}: {exc}", file=sys.stderr)
-        tb.close()
+        common.stop_all(targets, tb)
 
     summary = {mode: summarize(targets, mode) for mode in modes}
     print()
@@ -409,9 +404,4 @@ def render(summary: dict, targets, args, wrk2, conntrack_peak) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\nbench: interrupted; namespaces and servers removed",
-              file=sys.stderr)
-        sys.exit(130)
+    common.run_main(main)

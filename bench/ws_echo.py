@@ -673,12 +673,7 @@ def main(argv=None) -> int:
     finally:
         if clients is not None:
             clients.close()
-        for t in targets:
-            try:
-                t.stop()
-            except Exception as exc:            # noqa: BLE001
-                print(f"bench: stopping {t.label}: {exc}", file=sys.stderr)
-        tb.close()
+        common.stop_all(targets, tb)
 
     text, summary = summarize(targets, args.size, args)
     print()
@@ -697,9 +692,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\nbench: interrupted; namespaces, servers and client processes removed",
-              file=sys.stderr)
-        sys.exit(130)
+    common.run_main(main, "namespaces, servers and client processes")
