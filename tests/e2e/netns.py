@@ -410,6 +410,29 @@ def http_json(ns: str | None, src_ip: str | None, dst_ip: str, port: int, path: 
     return json.loads(body)
 
 
+class Bg(threading.Thread):
+    """Run fn() in a thread; value() returns its result or raises its error."""
+
+    def __init__(self, fn: Callable[[], object]):
+        super().__init__(daemon=True)
+        self.fn, self.result, self.error = fn, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:        # noqa: BLE001 - re-raised by value()
+            self.error = exc
+
+    def value(self, timeout: float = 30):
+        self.join(timeout)
+        if self.is_alive():
+            raise HarnessError(f"background work did not finish within {timeout}s")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 class HttpClient:
     """Several HTTP/1.1 requests on ONE keep-alive connection.
 

@@ -23,7 +23,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 
 import psutil
@@ -31,7 +30,7 @@ import pytest
 
 import netns
 from backends import routed_workers, slot_of
-from netns import http_get, ws_connect, ws_ending
+from netns import Bg, http_get, ws_connect, ws_ending
 
 PORT = 8000
 MIB = 1 << 20
@@ -95,27 +94,6 @@ def wait_exited(srv, pid: int, timeout: float = 30) -> None:
     srv.note_worker_pid(pid)
     srv.wait_workers_gone(timeout, pids=[pid])
 
-
-class Bg(threading.Thread):
-    """Run fn() in a thread; .result or .error afterwards."""
-
-    def __init__(self, fn):
-        super().__init__(daemon=True)
-        self.fn, self.result, self.error = fn, None, None
-        self.start()
-
-    def run(self):
-        try:
-            self.result = self.fn()
-        except BaseException as exc:        # noqa: BLE001 - reported by value()
-            self.error = exc
-
-    def value(self, timeout: float = 30):
-        self.join(timeout)
-        assert not self.is_alive(), "background request did not finish"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def cpu_seconds(pid: int) -> float:

@@ -42,7 +42,7 @@ import pytest
 
 import netns
 from backends import routed_workers, which
-from netns import Testbed, tcp_connect
+from netns import Bg, Testbed, tcp_connect
 
 PORT = 8000
 MIB = 1 << 20
@@ -958,27 +958,6 @@ def test_content_length_at_limit_is_accepted(bounds):
 # --------------------------------------------------------------------------- #
 # worker_connections and the open-files limit
 # --------------------------------------------------------------------------- #
-
-class Bg(threading.Thread):
-    """Run fn() in a thread; value() returns its result or raises its error."""
-
-    def __init__(self, fn):
-        super().__init__(daemon=True)
-        self.fn, self.result, self.error = fn, None, None
-        self.start()
-
-    def run(self):
-        try:
-            self.result = self.fn()
-        except BaseException as exc:        # noqa: BLE001 - re-raised by value()
-            self.error = exc
-
-    def value(self, timeout: float = 30):
-        self.join(timeout)
-        assert not self.is_alive(), "background work did not finish"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def answered(wires: list[Wire], within: float) -> set[int]:

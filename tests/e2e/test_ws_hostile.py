@@ -25,8 +25,8 @@ import time
 import pytest
 
 from backends import routed_workers, which
-from netns import tcp_connect
-from test_http_hostile import (MIB, OPEN, PORT, Bg, Case, PeakRss, Resp, Served,
+from netns import Bg, tcp_connect
+from test_http_hostile import (MIB, OPEN, PORT, Case, PeakRss, Resp, Served,
                                Wire, case_problems, get, run_case, server_args, serving,
                                show_log_on_failure, wait_routed)
 
