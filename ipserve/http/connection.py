@@ -319,11 +319,14 @@ class Connection:
         return environ
 
     # ------------------------------------------------------------ writing
-    def send(self, data: bytes, timeout: float | None | bool = False) -> None:
-        """Send all of `data`; each step must make progress within body_timeout
-        (or `timeout`). A client that stops reading is cut off."""
-        if timeout is False:
-            timeout = self.server.limits.body_timeout
+    def send(self, data: bytes) -> None:
+        """Send all of `data`; a client that stops reading it for body_timeout
+        is cut off."""
+        self.send_within(data, self.server.limits.body_timeout)
+
+    def send_within(self, data: bytes, timeout: float | None) -> None:
+        """Send all of `data`; each step must make progress within `timeout`
+        (None: no limit)."""
         sock = self.sock
         try:
             if timeout is None:
@@ -483,7 +486,7 @@ class Connection:
         self.parser = None           # nothing more is HTTP on this connection
 
     def send_ws(self, data: bytes) -> None:
-        self.send(data, self.server.limits.ws_send_timeout)
+        self.send_within(data, self.server.limits.ws_send_timeout)
 
     def recv_ws(self, mid_frame: bool) -> bytes:
         timeout = self.server.limits.body_timeout if mid_frame else None

@@ -69,7 +69,6 @@ class Server:
         self._room.set()
         self._closed_one = Event()    # set whenever a connection closes
         self._accepters: list[gevent.Greenlet] = []
-        self._sweeper: gevent.Greenlet | None = None
         self._warned: dict[str, float] = {}  # shortage -> when last warned
 
     @property
@@ -80,7 +79,7 @@ class Server:
         for listener in self.listeners:
             self._accepters.append(gevent.spawn(self._accept_loop, listener,
                                                 base_environ(listener, self.public, self.environ)))
-        self._sweeper = gevent.spawn(self._sweep_loop)
+        gevent.spawn(self._sweep_loop)
 
     def close(self) -> None:
         """Stop accepting and close our listening sockets (the master keeps its copies)."""
