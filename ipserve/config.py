@@ -184,6 +184,38 @@ def parse_bind(text: str) -> Bind:
     return Bind(str(addr), port_n, family)
 
 
+@dataclasses.dataclass(frozen=True)
+class UnixAddress:
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+def parse_admin_bind(value: Any) -> Bind | UnixAddress:
+    """HOST:PORT, [IPv6]:PORT or unix:/absolute/path."""
+    if isinstance(value, str) and value.startswith("unix:"):
+        path = value[len("unix:"):]
+        if not path.startswith("/") or "\0" in path or len(path.encode()) > 107:
+            raise ValueError("expected unix:/absolute/path (at most 107 bytes)")
+        return UnixAddress(path)
+    return parse_bind(value)
+
+
+def is_loopback(address: Bind | UnixAddress) -> bool:
+    import ipaddress
+    if isinstance(address, UnixAddress):
+        return True    # reachable only on this host, through file permissions
+    return ipaddress.ip_address(address.host).is_loopback
+
+
+def parse_token(value: Any) -> str:
+    # It travels in an Authorization header: visible ASCII, no spaces.
+    if not isinstance(value, str) or not re.fullmatch(r"[\x21-\x7e]{16,512}", value):
+        raise ValueError("expected 16 to 512 visible ASCII characters, no spaces")
+    return value
+
+
 def parse_binds(value: Any) -> tuple[Bind, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items:
@@ -248,6 +280,7 @@ def default_runtime_dir() -> str:
     return f"/tmp/ipserve-{os.geteuid()}"
 
 
+DEFAULT_ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s'
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 ROUTERS = ("auto", "nft", "iptables", "iptc", "reuseport")
 
@@ -371,6 +404,30 @@ SETTINGS: tuple[Setting, ...] = (
             "Access log file, or - for standard output. Default: none.", metavar="FILE"),
     Setting("error_log", parse_str, "-",
             "Error log file, or - for standard error.", metavar="FILE"),
+    Setting("access_log_format", parse_str, DEFAULT_ACCESS_LOG_FORMAT,
+            "Access log line, with gunicorn's atoms: %(h)s client address, %(l)s -, %(u)s "
+            "user, %(t)s time, %(r)s request line, %(m)s method, %(U)s path, %(q)s query, "
+            "%(H)s protocol, %(s)s status, %(b)s body bytes (- for none), %(B)s body bytes, "
+            "%(f)s referer, %(a)s user agent, %(T)s seconds, %(D)s microseconds, %(M)s "
+            "milliseconds, %(L)s decimal seconds, %(p)s pid, %({header}i)s request header, "
+            "%({header}o)s response header. Default: the common log format.",
+            metavar="FORMAT"),
+    Setting("log_format", choice("text", "json"), "text",
+            "text, or json: one JSON object per line in the error and access logs, for log "
+            "shippers."),
+    # -- observability
+    Setting("admin_bind", optional(parse_admin_bind), None,
+            "Where the master serves its read-only admin endpoint: the dashboard (/), "
+            "Prometheus metrics (/metrics) and /status.json. HOST:PORT or unix:/path. An "
+            "address other than loopback needs admin_token. Default: off.", metavar="ADDRESS"),
+    Setting("admin_token", optional(parse_token), None,
+            "When set, every admin request needs `Authorization: Bearer <token>`. Prefer the "
+            "config file or IPSERVE_ADMIN_TOKEN to the command line, which other users can "
+            "read in ps.", metavar="TOKEN"),
+    Setting("leak_report", choice("types", "tracemalloc", "off"), "types",
+            "When a retired worker has drained, report what grew in it since it became ready: "
+            "types (a census of live objects by type), tracemalloc (allocation sites; traces "
+            "every allocation from boot, slower), or off."),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -391,6 +448,9 @@ class Config:
     def to_json(self) -> dict[str, Any]:
         out = dict(self.values)
         out["bind"] = [str(b) for b in self.values["bind"]]
+        if out.get("admin_bind") is not None:
+            out["admin_bind"] = str(out["admin_bind"])
+        out.pop("admin_token", None)    # a secret: never in a spec, state or status
         return out
 
 
@@ -462,6 +522,10 @@ def resolve(cli: dict[str, Any], environ: dict[str, str] | None = None) -> Confi
         values["runtime_dir"] = default_runtime_dir()
     if values["pid"] is None:
         values["pid"] = os.path.join(values["runtime_dir"], values["name"] + ".pid")
+    admin = values["admin_bind"]
+    if admin is not None and not is_loopback(admin) and values["admin_token"] is None:
+        raise ConfigError(f"admin_bind = {str(admin)!r} ({sources['admin_bind']}) is not a loopback "
+                          f"address: set admin_token too, or bind 127.0.0.1")
     if values["app"] is None:
         raise ConfigError("no APP given: ipserve module:callable (see ipserve --help)")
     values["config"] = config_path

@@ -27,7 +27,8 @@ def worker_spec(cfg: Config, slot: int, generation: int, serial: int, control_pa
                 "busy_lag", "block_report", "limit_request_line", "limit_request_fields",
                 "limit_request_field_size", "limit_request_body", "header_timeout",
                 "body_timeout", "keepalive", "worker_connections", "ws_send_timeout",
-                "ws_max_message", "shed_load")}}
+                "ws_max_message", "shed_load", "access_log_format", "log_format",
+                "leak_report")}}
 
 
 def spawn_worker(master, cfg: Config, slot: int, generation: int, listeners: Listeners) -> WorkerRecord:
