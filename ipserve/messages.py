@@ -132,6 +132,35 @@ class Heartbeat:
     shed: int
     websockets: int
     phase: Phase
+    # Counted since the worker started (absent from an older worker): responses
+    # by status class 1xx..5xx, and request durations as histogram bucket
+    # counts (ipserve.histogram.REQUEST_BOUNDS) with their sum in seconds.
+    responses: tuple[int, ...] = ()
+    durations: tuple[int, ...] = ()
+    duration_sum: float = 0.0
+
+
+class LeakMode(enum.Enum):
+    TYPES = "types"              # a census of live objects by type
+    TRACEMALLOC = "tracemalloc"  # allocation sites
+
+
+@dataclasses.dataclass(frozen=True)
+class Growth:
+    what: str        # "module.Class", or "file.py:123" for tracemalloc
+    count: int       # objects (or allocations) more than at the baseline
+    size: int        # bytes more (approximate for types)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeakReport:
+    """What grew in a retired worker between its baseline and its last
+    connection closing; sent once, just before it exits."""
+    mode: LeakMode
+    lifetime_s: float
+    requests: int
+    growth: tuple[Growth, ...]
+    error: str | None = None     # why no census could be taken
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +175,33 @@ class Request:
     pid: int | None = None
 
 
-FromWorker = Hello | Heartbeat | BootFailed
+FromWorker = Hello | Heartbeat | BootFailed | LeakReport
+
+MAX_LIST = 64                # counts in a heartbeat
+MAX_GROWTH = 50              # entries in a leak report
+
+
+def counts(message: dict, key: str) -> tuple[int, ...]:
+    """An optional list of at most MAX_LIST counts; () if absent."""
+    value = message.get(key, [])
+    if type(value) is not list or len(value) > MAX_LIST or not all(
+            type(n) is int and 0 <= n <= MAX_COUNT for n in value):
+        raise BadMessage(f"{key!r} must be a list of at most {MAX_LIST} whole numbers")
+    return tuple(value)
+
+
+def growth(message: dict) -> tuple[Growth, ...]:
+    value = message.get("growth")
+    if type(value) is not list or len(value) > MAX_GROWTH:
+        raise BadMessage(f"'growth' must be a list of at most {MAX_GROWTH} entries")
+    entries = []
+    for entry in value:
+        if type(entry) is not dict:
+            raise BadMessage("a 'growth' entry is not an object")
+        entries.append(Growth(what=text(entry, "what", 300),
+                              count=integer(entry, "count", -MAX_COUNT, MAX_COUNT),
+                              size=integer(entry, "size", -MAX_COUNT, MAX_COUNT)))
+    return tuple(entries)
 
 
 def parse_from_worker(message: dict) -> FromWorker:
@@ -164,7 +219,16 @@ def parse_from_worker(message: dict) -> FromWorker:
                          lag_ms=number(message, "lag_ms", 0.0, 1e9),
                          too_busy=boolean(message, "too_busy"),
                          shed=integer(message, "shed"), websockets=integer(message, "websockets"),
-                         phase=choice(message, "phase", Phase))
+                         phase=choice(message, "phase", Phase),
+                         responses=counts(message, "responses"),
+                         durations=counts(message, "durations"),
+                         duration_sum=number(message, "duration_sum", 0.0, 1e15, required=False)
+                         or 0.0)
+    if kind == "leak-report":
+        return LeakReport(mode=choice(message, "mode", LeakMode),
+                          lifetime_s=number(message, "lifetime_s", 0.0, 1e10),
+                          requests=integer(message, "requests"), growth=growth(message),
+                          error=text(message, "error", MAX_TEXT, required=False))
     if kind == "boot-failed":
         return BootFailed(error=text(message, "error", MAX_TEXT))
     raise BadMessage(f"unknown message type {str(kind)[:40]!r}")

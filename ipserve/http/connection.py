@@ -168,6 +168,7 @@ class Connection:
         self.sent = 0
         self.keep_alive = False
         started = time.time() if server.access_log is not None else 0.0
+        began = time.perf_counter()
         environ = self.make_environ(request)
         websocket = None
         if "HTTP_UPGRADE" in environ and is_upgrade(environ):
@@ -183,6 +184,7 @@ class Connection:
         elif server.limits.shed_load and random.random() < server.lag.shed_probability():
             server.shed += 1
             self.send(error_response(503, "Retry-After: 1\r\n", "worker too busy, retry shortly"))
+            server.count_response("503")
             return False
         result = None
         try:
@@ -202,6 +204,7 @@ class Connection:
             elif not self.head_sent:
                 self.status = "500 Internal Server Error"
                 self.send(error_response(500))
+                server.count_response("500")
             return False
         finally:
             close = getattr(result, "close", None)
@@ -210,6 +213,8 @@ class Connection:
                     close()
                 except Exception:
                     server.log.exception("error closing the application's response")
+            if websocket is None:     # a WebSocket's request lasts as long as the socket
+                server.durations.observe(time.perf_counter() - began)
             if started:
                 server.log_access(self, request, started)
         if websocket is not None:
@@ -399,6 +404,7 @@ class Connection:
             self.status, self.headers, http10=request.version == "1.0",
             head_request=request.method == b"HEAD", body_length=body_length, keep_alive=keep_alive)
         self.head_sent = True
+        server.count_response(self.status)
         self.send(head + self.frame(body) if body else head)
 
     def frame(self, data: bytes) -> bytes:
@@ -481,6 +487,7 @@ class Connection:
     def send_handshake(self, data: bytes, websocket: WebSocket) -> None:
         self.head_sent = True
         self.status = "101 Switching Protocols"
+        self.server.count_response(self.status)
         self.send(data)
         self.server.websockets.add(websocket)
         self.parser = None           # nothing more is HTTP on this connection
@@ -507,6 +514,7 @@ class Connection:
                 self.send(error_response(exc.status, extra))
             except OSError:
                 pass
+            self.server.count_response(str(exc.status))
 
     def expire(self, writing: bool) -> None:
         """A deadline passed (the server's sweeper calls this): wake the

@@ -12,6 +12,7 @@ import time
 import gevent
 from gevent.event import Event
 
+from ipserve.histogram import REQUEST_BOUNDS, RESPONSE_CLASSES, Histogram, response_class
 from ipserve.http.clientlog import ClientErrorLog
 from ipserve.http.connection import Connection
 from ipserve.http.limits import Limits
@@ -64,6 +65,8 @@ class Server:
         self.websockets: set = set()
         self.requests = 0
         self.shed = 0
+        self.responses = [0] * len(RESPONSE_CLASSES)    # by status class, for /metrics
+        self.durations = Histogram(REQUEST_BOUNDS)      # plain requests, not WebSockets
         self.retiring = False
         self._room = Event()          # set while below worker_connections
         self._room.set()
@@ -164,6 +167,13 @@ class Server:
             if read is not None and read <= now:
                 connection.expire(writing=False)
         self.client_errors.flush()
+
+    # ------------------------------------------------------------ counting
+    def count_response(self, status: str) -> None:
+        """A response head went out (the application's, or one of ours)."""
+        index = response_class(status)
+        if index is not None:
+            self.responses[index] += 1
 
     # ------------------------------------------------------------ access log
     def log_access(self, connection: Connection, request, started: float) -> None:

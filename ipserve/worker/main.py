@@ -157,11 +157,14 @@ class Worker:
                 "connections": self.connections(), "requests": self.requests()}
 
     def heartbeat(self) -> dict:
+        server = self.server
         return {"type": "heartbeat", "connections": self.connections(),
                 "requests": self.requests(), "lag_ms": round(self.lag.take_peak(), 2),
-                "too_busy": self.lag.too_busy(), "shed": self.server.shed,
-                "websockets": len(self.server.websockets),
-                "phase": self.phase.value}
+                "too_busy": self.lag.too_busy(), "shed": server.shed,
+                "websockets": len(server.websockets),
+                "phase": self.phase.value, "responses": server.responses,
+                "durations": server.durations.counts,
+                "duration_sum": round(server.durations.total, 6)}
 
     # -------------------------------------------------------------- master link
     def link_loop(self) -> None:
@@ -338,9 +341,22 @@ class Worker:
         self.quit()
 
     def quit(self) -> None:
+        self.last_word()
         for handler in self.log.handlers:
             handler.flush()
         os._exit(0)
+
+    def last_word(self) -> None:
+        """A last heartbeat, so the master's counters hold every request we
+        served since the previous one."""
+        sock = self.link
+        if sock is None or self.server is None:
+            return
+        try:
+            sock.settimeout(1.0)
+            sock.sendall(encode(self.heartbeat()))
+        except Exception:   # noqa: BLE001 - from a signal handler in the hub, a send that
+            pass            # would block raises; exiting matters more than the count
 
     def report_boot_failure(self, error: str) -> None:
         """Tell the master why we never became ready (it shows it in status)."""
