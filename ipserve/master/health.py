@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 
 from ipserve.master import policy, reload, settle
-from ipserve.master.registry import WorkerState
+from ipserve.master.registry import ExitReason, WorkerState
 
 HUNG_KILL_DELAY = 2.0   # a hung worker's time to dump its stacks after SIGABRT
 
@@ -47,15 +47,18 @@ def check(master, now: float) -> None:
         if now - record.hung_at > HUNG_KILL_DELAY:
             record.signal(signal.SIGKILL)
             record.hung_at = now
-    for record, reason, limited in policy.health_replacements(
+    for replacement in policy.health_replacements(
             master.registry, now, worker_memory=cfg.worker_memory,
             max_requests=bool(cfg.max_requests), busy_retire_after=cfg.busy_retire_after):
-        reload.begin_replacement(master, record, reason, limited, now)
+        reload.begin_replacement(master, replacement, now)
     for action, record in policy.cluster_memory_actions(master.registry, cfg.cluster_memory):
         if action == "replace":
-            reload.begin_replacement(master, record, "largest worker while cluster_memory is exceeded",
-                                     True, now)
-        elif action == "kill":
+            reload.begin_replacement(master, policy.Replacement(
+                record, ExitReason.MEMORY, "largest worker while cluster_memory is exceeded", True),
+                now)
+            continue
+        record.replace_cause = ExitReason.MEMORY
+        if action == "kill":
             master.log.warning("cluster_memory above 95%%: killing retiring worker pid %d", record.pid)
             record.signal(signal.SIGKILL)   # it stays RETIRING: its exit is expected
         elif not record.asked_to_exit:

@@ -86,6 +86,7 @@ def on_hello(master, conn: Connection, hello: messages.Hello) -> None:
     elif record.state is WorkerState.ACTIVE and hello.phase is Phase.RETIRING:
         record.state = WorkerState.RETIRING     # an adopted worker knows it better
         record.retired_at = master.clock()
+        record.connections_at_retire = hello.connections
         master.state_dirty = True
     if record.state is WorkerState.RETIRING:
         settle.send(master, record, ToWorker.RETIRE)      # a reconnecting worker learns it again
@@ -132,7 +133,10 @@ def on_boot_failed(master, conn: Connection, message: messages.BootFailed) -> No
 def on_heartbeat(master, record: WorkerRecord, beat: messages.Heartbeat) -> None:
     record.last_seen = master.clock()
     record.connections = beat.connections
-    record.requests = beat.requests
+    record.count_requests(beat.requests, record.last_seen)
+    record.responses = beat.responses
+    record.durations = beat.durations
+    record.duration_sum = beat.duration_sum
     record.lag_ms = beat.lag_ms
     record.websockets = beat.websockets
     record.shed = beat.shed

@@ -28,8 +28,9 @@ from ipserve.config import Config
 from ipserve.master import (adoption, commands, health, link, policy, reload, settle, slottable,
                             spawning)
 from ipserve.master.connections import ControlServer
+from ipserve.master.counters import ClusterCounters
 from ipserve.master.events import Event
-from ipserve.master.registry import Registry, WorkerRecord, WorkerState
+from ipserve.master.registry import SERIES_INTERVAL, Registry, WorkerRecord, WorkerState
 from ipserve.master.reload import Kind, Outcome, Reload
 from ipserve.master.routes import Routes, RouteWriter
 from ipserve.master.slottable import Slot
@@ -38,6 +39,8 @@ from ipserve.messages import ToWorker
 
 TICK = 0.1
 STOP_KILL_GRACE = 2.0
+HISTORY = 20            # reloads and leak reports kept for status
+PUBLISH_INTERVAL = 1.0  # how often the admin endpoint gets a fresh status
 
 
 class StopMode(enum.Enum):
@@ -70,6 +73,11 @@ class Master:
         self.deploy: Reload | None = None
         self.replacements: dict[int, Reload] = {}
         self.last_reload: Reload | None = None
+        self.reload_history: collections.deque[Reload] = collections.deque(maxlen=HISTORY)
+        self.counters = ClusterCounters()
+        self.leak_reports: collections.deque[dict] = collections.deque(maxlen=HISTORY)
+        self.admin = None            # master.admin.AdminServer, when admin_bind is set
+        self.last_publish = -1e9
         self.stopping: StopMode | None = None
         self.stop_deadline = 0.0
         self.killed_at_deadline = False
@@ -99,6 +107,11 @@ class Master:
     def slot_count(self) -> int:
         return len(self.slots)
 
+    def remember_deploy(self, deploy: Reload) -> None:
+        self.last_reload = deploy
+        self.reload_history.append(deploy)
+        self.last_publish = -1e9       # show it on the dashboard at once
+
     def reloads(self) -> list[Reload]:
         """Reloads in progress: the deploy, if any, and health replacements."""
         return ([self.deploy] if self.deploy else []) + list(self.replacements.values())
@@ -117,6 +130,7 @@ class Master:
                 self.guard(self.on_signal, self.pending_signals.popleft())
             self.guard(self.tick)
             self.guard(self.flush_state)
+            self.guard(self.publish)
         return 0
 
     def dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
@@ -227,7 +241,7 @@ class Master:
             return
         self.last_measure = now
         for record in self.registry:
-            record.measure()
+            record.measure(now)
 
     # ================================================================ spawning
     def spawn_step(self, now: float) -> None:
@@ -288,6 +302,7 @@ class Master:
             self.control.close(record.conn)
         now = self.clock()
         self.log_exit(record, code, now)
+        self.counters.worker_exited(record, policy.exit_reason(record, self.stopping is not None))
         self.state_dirty = True
         slot = self.slots[record.slot] if record.slot < len(self.slots) else None
         still_routed = slot is not None and record.listeners is slot.listeners
@@ -383,12 +398,36 @@ class Master:
             self.highest_generation, self.serial, self.slot_count, workers,
             self.cfg.graceful_timeout))
 
+    def publish(self) -> None:
+        """Hand the admin endpoint a fresh status, about once a second. It
+        serves only what it was handed: an admin client never runs the loop."""
+        now = self.clock()
+        if self.admin is None or now - self.last_publish < PUBLISH_INTERVAL:
+            return
+        self.last_publish = now
+        self.admin.publish(self.status(), self.series())
+
+    def series(self) -> dict:
+        """The last minutes of each worker's RSS and hub lag, for sparklines."""
+        return {"interval_s": SERIES_INTERVAL,
+                "workers": {str(w.pid): {"rss": [rss for rss, _ in w.series],
+                                         "lag_ms": [lag for _, lag in w.series]}
+                            for w in self.registry}}
+
+    def memory(self) -> dict:
+        limit = self.cfg.cluster_memory
+        return {"cluster_rss": sum(w.rss for w in self.registry), "cluster_limit": limit,
+                "retire_at": None if limit is None else int(limit * policy.CLUSTER_RETIRE_AT),
+                "kill_at": None if limit is None else int(limit * policy.CLUSTER_KILL_AT),
+                "worker_limit": self.cfg.worker_memory}
+
     def status(self) -> dict:
         now = self.clock()
         workers = sorted(self.registry, key=lambda w: (w.generation, w.slot, w.serial))
         installed = self.routes.installed or {}
         reload = self.deploy or self.last_reload
         return {
+            "time": time.time(),
             "name": self.name, "router": self.router.name,
             "routing": self.router.describe() | {"sockets": self.sockets.describe()},
             "bind": [str(b) for b in self.cfg.bind], "app": self.cfg.app,
@@ -404,12 +443,18 @@ class Master:
             "routes": {str(slot): port for slot, port in sorted(installed.items())},
             "route_error": self.routes.error,
             "workers": [w.as_status(now) for w in workers],
+            "memory": self.memory(),
+            "reloads": [r.as_status() for r in self.reload_history],
+            "counters": self.counters.as_status(workers),
+            "leak_reports": list(self.leak_reports),
         }
 
     def close(self) -> None:
         """At exit: a master that handed over leaves everything to its successor."""
         self.control.shutdown()
         self.routes.writer.close()
+        if self.admin is not None:
+            self.admin.close()
         if self.handed_over:
             return
         for record in self.registry:

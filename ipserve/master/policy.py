@@ -7,11 +7,13 @@ and return what should happen; master.loop carries it out.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
-from ipserve.master.registry import WorkerState
+from ipserve.master.registry import ExitReason, WorkerState
 
 DIED_YOUNG = 5.0     # a worker that ends sooner than this after it was activated died young
+CLUSTER_RETIRE_AT = 0.80   # of cluster_memory: retiring workers are asked to exit
+CLUSTER_KILL_AT = 0.95     # of cluster_memory: retiring workers are killed
 
 
 def backoff_delay(failures: int, base: float = 1.0, cap: float = 30.0) -> float:
@@ -97,9 +99,16 @@ def overdue_retirees(workers: Iterable, now: float, retired_timeout: float | Non
             and now - w.retired_at >= retired_timeout]
 
 
+class Replacement(NamedTuple):
+    worker: object
+    cause: ExitReason
+    reason: str              # for the log and status
+    rate_limited: bool
+
+
 def health_replacements(workers: Iterable, now: float, *, worker_memory: int | None,
-                        max_requests: bool, busy_retire_after: float) -> list[tuple]:
-    """(worker, reason, rate_limited) for active workers that should be replaced.
+                        max_requests: bool, busy_retire_after: float) -> list[Replacement]:
+    """Active workers that should be replaced, and why.
 
     Memory and load replacements are rate-limited by the caller; max_requests
     ones are not (their jitter already spreads them out)."""
@@ -108,12 +117,28 @@ def health_replacements(workers: Iterable, now: float, *, worker_memory: int | N
         if w.state is not WorkerState.ACTIVE or w.replacing:
             continue
         if worker_memory and w.rss > worker_memory:
-            out.append((w, f"RSS {w.rss >> 20} MiB above worker_memory {worker_memory >> 20} MiB", True))
+            out.append(Replacement(w, ExitReason.MEMORY, f"RSS {w.rss >> 20} MiB above "
+                                   f"worker_memory {worker_memory >> 20} MiB", True))
         elif max_requests and w.max_requests and w.requests >= w.max_requests:
-            out.append((w, f"served {w.requests} requests (max_requests)", False))
+            out.append(Replacement(w, ExitReason.MAX_REQUESTS,
+                                   f"served {w.requests} requests (max_requests)", False))
         elif busy_retire_after and w.busy_since is not None and now - w.busy_since >= busy_retire_after:
-            out.append((w, f"too busy for {now - w.busy_since:.0f}s", True))
+            out.append(Replacement(w, ExitReason.BUSY, f"too busy for {now - w.busy_since:.0f}s",
+                                   True))
     return out
+
+
+def exit_reason(worker, stopping: bool) -> ExitReason:
+    """Why a worker that just exited ended, for ipserve_worker_exits_total."""
+    if worker.state is WorkerState.HUNG:
+        return ExitReason.HUNG
+    if worker.replace_cause is not None:
+        return worker.replace_cause       # replaced for memory, load or max_requests
+    if worker.boot_error is not None:
+        return ExitReason.CRASHED         # never became ready (even if we killed it for that)
+    if stopping or worker.state in (WorkerState.RETIRING, WorkerState.KILLED):
+        return ExitReason.RETIRED         # superseded, rolled back, or stopped with us
+    return ExitReason.CRASHED             # it ended on its own while booting, ready or active
 
 
 def cluster_memory_actions(workers: Iterable, limit: int | None) -> list[tuple[str, object]]:
@@ -125,15 +150,15 @@ def cluster_memory_actions(workers: Iterable, limit: int | None) -> list[tuple[s
     worker, the largest active worker is replaced ("replace")."""
     workers = list(workers)
     total = sum(w.rss for w in workers)
-    if not limit or total <= 0.8 * limit:
+    if not limit or total <= CLUSTER_RETIRE_AT * limit:
         return []
     retiring = sorted((w for w in workers if w.state is WorkerState.RETIRING),
                       key=lambda w: (w.connections, -w.rss, w.spawned_at))
-    action = "kill" if total > 0.95 * limit else "close"
+    action = "kill" if total > CLUSTER_KILL_AT * limit else "close"
     out: list[tuple[str, object]] = []
     projected = total
     for w in retiring:
-        if projected <= 0.8 * limit:
+        if projected <= CLUSTER_RETIRE_AT * limit:
             break
         out.append((action, w))
         projected -= w.rss

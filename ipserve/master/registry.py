@@ -11,12 +11,14 @@ sockets. Everything here is bookkeeping; signals go through `process`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 from typing import Iterator
 
 import psutil
 
+from ipserve.histogram import RESPONSE_CLASSES
 from ipserve.master.sockets import Listeners
 
 
@@ -27,6 +29,21 @@ class WorkerState(enum.Enum):
     RETIRING = "retiring"    # superseded: no new connections, drains at a lower priority
     HUNG = "hung"            # silent past `timeout`: SIGABRT sent, SIGKILL follows
     KILLED = "killed"        # ended by the master (boot failure, rollback, stop); exit expected
+
+
+class ExitReason(enum.Enum):
+    """Why a worker ended, for ipserve_worker_exits_total."""
+    RETIRED = "retired"            # superseded by a deploy, drained; or stopped with the master
+    MEMORY = "memory"              # worker_memory, or cluster_memory pressure
+    BUSY = "busy"                  # too busy for busy_retire_after
+    MAX_REQUESTS = "max_requests"
+    HUNG = "hung"                  # silent past `timeout`, killed
+    CRASHED = "crashed"            # exited on its own, or never became ready
+
+
+SERIES_INTERVAL = 2.0     # seconds between two samples of a worker's RSS and lag
+SERIES_LENGTH = 90        # 3 minutes of them, for the dashboard's sparklines
+RATE_WINDOW = 2.0         # requests/s is measured over at least this long
 
 
 @dataclasses.dataclass(eq=False)
@@ -49,6 +66,7 @@ class WorkerRecord:
     boot_error: str | None = None     # why it never became ready, if it said
     max_requests: int = 0             # this worker's max_requests, jitter included
     replacing: str | None = None      # why a successor is booting for it
+    replace_cause: ExitReason | None = None   # the same, as an exit reason
     asked_to_exit: bool = False       # cluster memory pressure already asked it
     conn: object = None               # its control connection, when connected
     # what its heartbeats say
@@ -59,9 +77,18 @@ class WorkerRecord:
     busy_since: float | None = None
     websockets: int = 0
     shed: int = 0
+    responses: tuple[int, ...] = ()   # by status class, since it started
+    durations: tuple[int, ...] = ()   # request-duration bucket counts, since it started
+    duration_sum: float = 0.0
+    requests_per_s: float = 0.0
+    rate_mark: tuple[float, int] | None = None   # (when, requests) the rate is measured from
+    connections_at_retire: int | None = None     # for drain progress
     # what the master measures
     rss: int = 0
     nice: int = 0
+    series: collections.deque = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=SERIES_LENGTH))  # (rss, lag_ms)
+    last_sample: float = -1e9
     _ps: psutil.Process | None = None
 
     @property
@@ -71,8 +98,9 @@ class WorkerRecord:
     def signal(self, signum: int) -> bool:
         return self.process.signal(signum)
 
-    def measure(self) -> None:
-        """RSS and nice as the kernel reports them, from the first second on."""
+    def measure(self, now: float) -> None:
+        """RSS and nice as the kernel reports them, from the first second on;
+        every SERIES_INTERVAL a sample of RSS and lag for the sparklines."""
         try:
             if self._ps is None:
                 self._ps = psutil.Process(self.pid)
@@ -80,6 +108,18 @@ class WorkerRecord:
             self.nice = self._ps.nice()
         except psutil.Error:
             pass
+        if now - self.last_sample >= SERIES_INTERVAL:
+            self.last_sample = now
+            self.series.append((self.rss, self.lag_ms))
+
+    def count_requests(self, requests: int, now: float) -> None:
+        """A heartbeat's request count; requests/s over at least RATE_WINDOW."""
+        self.requests = requests
+        if self.rate_mark is None or requests < self.rate_mark[1]:
+            self.rate_mark = (now, requests)
+        elif now - self.rate_mark[0] >= RATE_WINDOW:
+            self.requests_per_s = (requests - self.rate_mark[1]) / (now - self.rate_mark[0])
+            self.rate_mark = (now, requests)
 
     def as_status(self, now: float) -> dict:
         return {"pid": self.pid, "slot": self.slot, "generation": self.generation,
@@ -89,7 +129,10 @@ class WorkerRecord:
                 "nice": self.nice, "adopted": self.adopted, "replacing": self.replacing,
                 "connected": self.conn is not None, "boot_error": self.boot_error,
                 "age_s": round(now - self.spawned_at, 1),
-                "retired_for_s": None if self.retired_at is None else round(now - self.retired_at, 1)}
+                "retired_for_s": None if self.retired_at is None else round(now - self.retired_at, 1),
+                "requests_per_s": round(self.requests_per_s, 2),
+                "connections_at_retire": self.connections_at_retire,
+                "responses": dict(zip(RESPONSE_CLASSES, self.responses or (0,) * 5))}
 
 
 class Registry:

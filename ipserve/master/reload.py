@@ -29,7 +29,8 @@ from ipserve.master.sockets import Listeners
 
 # Settings a running master cannot change: they name its socket, rules, port
 # and the user its control socket belongs to.
-FIXED_ON_RELOAD = ("bind", "name", "runtime_dir", "router", "pid", "user", "group")
+FIXED_ON_RELOAD = ("bind", "name", "runtime_dir", "router", "pid", "user", "group", "admin_bind",
+                   "admin_token")
 
 
 class Kind(enum.Enum):
@@ -88,6 +89,7 @@ class Reload:
                 "state": self.outcome.value, "reason": self.reason, "error": self.error,
                 "failed_worker": self.failed_worker, "started": self.started_wall,
                 "finished": self.finished_wall, "seconds": self.seconds,
+                "failed_pid": None if self.failed_worker is None else self.failed_worker["pid"],
                 "booted": sum(1 for w in self.successors.values() if w.ready_at is not None),
                 "targets": len(self.targets)}
 
@@ -107,7 +109,8 @@ def begin_deploy(master, slots: int | None = None, reason: str = "reload") -> No
         failed = Reload(Kind.DEPLOY, master.cfg, master.slot_count, master.generation, [],
                         master.clock(), reason=reason)
         failed.finish(Outcome.FAILED, master.clock(), str(exc))
-        master.last_reload = failed
+        master.remember_deploy(failed)
+        master.counters.reload_finished(failed)
         return
     if master.deploy is not None:
         fail_reload(master, master.deploy, f"superseded by a newer {reason}")
@@ -124,7 +127,7 @@ def begin_deploy(master, slots: int | None = None, reason: str = "reload") -> No
     master.highest_generation = generation
     master.deploy = Reload(Kind.DEPLOY, cfg, count, generation, list(range(count)), master.clock(),
                            reason=reason)
-    master.last_reload = master.deploy
+    master.remember_deploy(master.deploy)
     master.log.info("%s: starting generation %d with %d workers", reason, generation, count)
 
 
@@ -132,20 +135,21 @@ def reread_config(master) -> Config:
     fresh = config.resolve(master.cfg.cli)
     for key in FIXED_ON_RELOAD:
         if fresh.values[key] != master.cfg.values[key]:
-            master.log.warning("reload: %s cannot change on reload (restart to apply); keeping %r",
-                               key, master.cfg.values[key])
+            kept = "the one it started with" if key == "admin_token" else repr(master.cfg.values[key])
+            master.log.warning("reload: %s cannot change on reload (restart to apply); keeping %s",
+                               key, kept)
             fresh.values[key] = master.cfg.values[key]
     return fresh
 
 
-def begin_replacement(master, record: WorkerRecord, reason: str, rate_limited: bool,
-                      now: float) -> None:
-    """A fresh worker for the slot; `record` retires once it holds the slot."""
+def begin_replacement(master, replacement: policy.Replacement, now: float) -> None:
+    """A fresh worker for the slot; the worker replaced retires once it holds the slot."""
+    record, reason = replacement.worker, replacement.reason
     if master.stopping or master.deploy is not None or record.slot in master.replacements:
         return
     if master.slots[record.slot].holder is not record:
         return
-    if rate_limited:
+    if replacement.rate_limited:
         interval = master.cfg.health_retire_interval
         if interval and now - master.last_health_retire < interval:
             return
@@ -155,6 +159,7 @@ def begin_replacement(master, record: WorkerRecord, reason: str, rate_limited: b
         spawning.back_off(master, slot)    # replaced soon after it started: do not storm
     master.log.warning("replacing worker pid %d (slot %d): %s", record.pid, record.slot, reason)
     record.replacing = reason
+    record.replace_cause = replacement.cause
     master.replacements[record.slot] = Reload(Kind.REPLACEMENT, master.cfg, master.slot_count,
                                               record.generation, [record.slot], now,
                                               reason=reason, replaces=record)
@@ -185,6 +190,8 @@ def commit(master, reload: Reload, now: float) -> None:
         slot.holder = successor
         slot.listeners = successor.listeners
     reload.finish(Outcome.DONE, now)
+    if reload.kind is Kind.DEPLOY:
+        master.counters.reload_finished(reload)
     master.routes.want(slottable.table(master.slots))
     master.routes.step()
     master.state_dirty = True
@@ -216,6 +223,8 @@ def fail_reload(master, reload: Reload, why: str, failed: WorkerRecord | None = 
     """Nothing switches: kill every successor, keep every slot as it is."""
     now = master.clock()
     reload.finish(Outcome.FAILED, now, why, failed)
+    if reload.kind is Kind.DEPLOY:
+        master.counters.reload_finished(reload)
     for successor in reload.successors.values():
         if successor.state in (WorkerState.BOOTING, WorkerState.READY):
             settle.kill(master, successor)
@@ -228,6 +237,7 @@ def fail_reload(master, reload: Reload, why: str, failed: WorkerRecord | None = 
         del master.replacements[reload.targets[0]]
         if reload.replaces is not None:
             reload.replaces.replacing = None   # try again later, backed off
+            reload.replaces.replace_cause = None
         spawning.back_off(master, master.slots[reload.targets[0]])
         master.log.error("replacement for slot %d failed, worker pid %s keeps it: %s",
                          reload.targets[0], getattr(reload.replaces, "pid", "?"), why)

@@ -87,7 +87,8 @@ def retire(master, record: WorkerRecord) -> None:
     if record.listeners is not None and all(s.listeners is not record.listeners for s in master.slots):
         record.listeners.close()
     renice(record.pid, master.cfg.retired_nice, master.log)
-    record.measure()
+    record.measure(master.clock())
+    record.connections_at_retire = record.connections
     send(master, record, ToWorker.RETIRE)
     master.state_dirty = True
     master.log.info("worker pid %d (slot %d, generation %d) retiring with %d connection(s)",

@@ -49,7 +49,7 @@ def spawn_worker(master, cfg: Config, slot: int, generation: int, listeners: Lis
 def track(master, record: WorkerRecord) -> None:
     master.registry.add(record)
     master.selector.register(record.process.fileno(), selectors.EVENT_READ, (Event.WORKER_EXIT, record))
-    record.measure()
+    record.measure(master.clock())
     master.state_dirty = True
 
 

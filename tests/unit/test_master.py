@@ -490,3 +490,59 @@ def test_holder_dying_during_its_replacement_waits_for_the_successor(tmp_path):
     assert holders(master) == {0: successor.pid}
     assert master.router.kernel == {0: successor.port}
     assert old_sockets not in master.unrouted      # our copy closed once unrouted
+
+
+# ---------------------------------------------------------------- what /metrics and the dashboard read
+
+def test_status_counts_reloads_exits_and_requests_across_generations(tmp_path):
+    master = make_master(tmp_path, workers=2, timeout=0)
+    peers = start(master)
+    old = of_generation(master, 1)
+    durations = [0] * 17
+    durations[2] = 30
+    for w in old:
+        peers[w.pid].say(heartbeat(requests=30, responses=[0, 28, 0, 2, 0], durations=durations,
+                                   duration_sum=0.12))
+    sig(master, signal.SIGHUP)
+    for _ in range(5):
+        master.tick()
+        say_ready(master, booting(master))
+    master.tick()
+    assert all(w.state is R for w in old)
+    exit_worker(master, old[0], code=0)                # drained: retired
+    exit_worker(master, of_generation(master, 2)[1], code=-9)   # an active worker killed: crashed
+    st = master.status()
+    counters = st["counters"]
+    assert counters["requests"] == 60                  # the exited worker's 30 still count
+    assert counters["responses"]["2xx"] == 56 and counters["responses"]["4xx"] == 4
+    assert counters["duration"]["count"] == 60 and counters["duration"]["counts"][2] == 60
+    assert counters["worker_exits"]["retired"] == 1 and counters["worker_exits"]["crashed"] == 1
+    assert counters["reloads"] == {"ok": 1, "failed": 0}
+    assert [(r["generation"], r["state"]) for r in st["reloads"]] == [(2, "done")]
+    assert st["memory"]["cluster_limit"] is None
+    assert all(w["connections_at_retire"] is not None for w in st["workers"] if w["state"] == "retiring")
+
+
+def test_a_refused_reload_and_a_failed_one_are_in_the_history(tmp_path, monkeypatch):
+    master = make_master(tmp_path, workers=2, timeout=0)
+    start(master)
+    sig(master, signal.SIGHUP)
+    master.tick()
+    failing = booting(master)[0]
+    failing.boot_error = "ImportError: nope"
+    exit_worker(master, failing, code=3)
+    st = master.status()
+    assert st["reloads"][-1]["state"] == "failed" and st["reloads"][-1]["failed_pid"] == failing.pid
+    assert st["counters"]["reloads"] == {"ok": 0, "failed": 1}
+    assert st["counters"]["worker_exits"]["crashed"] == 1
+
+
+def test_series_keeps_a_few_minutes_of_samples_per_worker(tmp_path):
+    master = make_master(tmp_path, workers=1, timeout=0)
+    start(master)
+    for _ in range(200):
+        master.clock.advance(2.0)
+        master.measure(master.clock())
+    series = master.series()
+    (samples,) = series["workers"].values()
+    assert len(samples["rss"]) == len(samples["lag_ms"]) == 90 and series["interval_s"] == 2.0

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pytest
 
 from ipserve.master import policy
-from ipserve.master.registry import WorkerState
+from ipserve.master.registry import ExitReason, WorkerState
 
 A, B, R, K, H = (WorkerState.ACTIVE, WorkerState.BOOTING, WorkerState.RETIRING,
                  WorkerState.KILLED, WorkerState.HUNG)
@@ -29,6 +29,8 @@ class W:
     max_requests: int = 0
     requests: int = 0
     busy_since: float | None = None
+    replace_cause: ExitReason | None = None
+    boot_error: str | None = None
 
 
 # ---------------------------------------------------------------- back-off and pacing
@@ -129,8 +131,11 @@ def test_health_replacements():
     out = policy.health_replacements([fat, tired, busy, already, retiring], 100.0,
                                      worker_memory=500 << 20, max_requests=True,
                                      busy_retire_after=45.0)
-    assert [(w, limited) for w, _, limited in out] == [(fat, True), (tired, False), (busy, True)]
-    assert "RSS 600 MiB" in out[0][1] and "max_requests" in out[1][1] and "busy" in out[2][1]
+    assert [(r.worker, r.cause, r.rate_limited) for r in out] == [
+        (fat, ExitReason.MEMORY, True), (tired, ExitReason.MAX_REQUESTS, False),
+        (busy, ExitReason.BUSY, True)]
+    assert "RSS 600 MiB" in out[0].reason and "max_requests" in out[1].reason
+    assert "busy" in out[2].reason
     # 0 (None) disables each check.
     assert policy.health_replacements([busy], 100.0, worker_memory=None, max_requests=False,
                                       busy_retire_after=None) == []
@@ -161,3 +166,24 @@ def test_cluster_memory_exceeded_without_retiring_replaces_largest_active():
 @pytest.mark.parametrize("limit", [None, 0])
 def test_cluster_memory_without_limit(limit):
     assert policy.cluster_memory_actions([W(0, rss=1 << 40)], limit) == []
+
+
+# ---------------------------------------------------------------- exit reasons
+
+@pytest.mark.parametrize("worker, stopping, reason", [
+    (W(0, state=R), False, ExitReason.RETIRED),                 # superseded, drained
+    (W(0, state=A), True, ExitReason.RETIRED),                  # stopped with the master
+    (W(0, state=K), False, ExitReason.RETIRED),                 # rolled back, healthy
+    (W(0, state=K, boot_error="not ready within boot_timeout"), False, ExitReason.CRASHED),
+    (W(0, state=B, boot_error="ImportError: x"), False, ExitReason.CRASHED),
+    (W(0, state=A), False, ExitReason.CRASHED),                 # died on its own
+    (W(0, state=READY), False, ExitReason.CRASHED),
+    (W(0, state=H), False, ExitReason.HUNG),
+    (W(0, state=H, replace_cause=ExitReason.MEMORY), False, ExitReason.HUNG),
+    (W(0, state=R, replace_cause=ExitReason.MEMORY), False, ExitReason.MEMORY),
+    (W(0, state=R, replace_cause=ExitReason.BUSY), False, ExitReason.BUSY),
+    (W(0, state=R, replace_cause=ExitReason.MAX_REQUESTS), True, ExitReason.MAX_REQUESTS),
+    (W(0, state=A, replace_cause=ExitReason.MEMORY), False, ExitReason.MEMORY),
+])
+def test_exit_reason(worker, stopping, reason):
+    assert policy.exit_reason(worker, stopping) is reason
