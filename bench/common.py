@@ -544,6 +544,18 @@ def ipserve_worker_pids(proc: netns.IpserveProcess) -> list[int]:
 # Results
 # --------------------------------------------------------------------------- #
 
+def export_revision(rev: str, into: str) -> str:
+    """The repository as of git revision `rev`, in a new directory under
+    `into`: a server started with it on PYTHONPATH runs that revision's code."""
+    tree = os.path.join(into, "rev-" + re.sub(r"[^A-Za-z0-9._-]", "_", rev))
+    os.makedirs(tree)
+    archive = subprocess.run(["git", "-C", REPO, "archive", rev], capture_output=True)
+    if archive.returncode != 0:
+        die(f"--baseline {rev}: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
+    return tree
+
+
 def write_json(prefix: str, payload: dict) -> str:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json")

@@ -85,6 +85,10 @@ def parse_args(argv=None):
     p.add_argument("--conntrack-time-wait", type=int, default=10,
                    help="seconds a closed connection stays in the server namespace's connection "
                         "tracking in close mode (default 10; the kernel's is 120)")
+    p.add_argument("--baseline", metavar="REV", default=None,
+                   help="also run ipserve as of git revision REV (exported to a temporary "
+                        "directory), side by side, and report this tree / REV per round: "
+                        "the cost of a change, e.g. --baseline HEAD~3 --no-gunicorn")
     p.add_argument("--ipserve-arg", action="append", default=[],
                    help="extra argument for ipserve (repeatable), e.g. --ipserve-arg=--keepalive=30")
     args = p.parse_args(argv)
@@ -94,8 +98,9 @@ def parse_args(argv=None):
 
 
 class Target:
-    def __init__(self, label, kind, port, handle, pids, stop):
+    def __init__(self, label, kind, port, handle, pids, stop, baseline=False):
         self.label, self.kind, self.port = label, kind, port
+        self.baseline = baseline          # ipserve as of --baseline REV
         self.handle, self.pids, self.stop = handle, pids, stop
         self.rounds: dict[str, list[dict]] = {m: [] for m in MODES}
         self.router_name = None
@@ -152,6 +157,15 @@ def main(argv=None) -> int:
             targets.append(Target(f"ipserve --router {router}", "ipserve", port, proc,
                                   (lambda p=proc: ipserve_pids(p)),
                                   (lambda p=proc: (p.stop(timeout=15), p.cleanup()))))
+        if args.baseline:
+            port += 1
+            tree = common.export_revision(args.baseline, script_dir)
+            proc = netns.start_ipserve(
+                tb, [APP, "-w", str(args.workers), "-b", f"0.0.0.0:{port}", "--router", routers[0],
+                     "--log-level", "warning", *args.ipserve_arg], pythonpath=[tree], cwd=tree)
+            targets.append(Target(f"ipserve @{args.baseline} --router {routers[0]}", "ipserve", port,
+                                  proc, (lambda p=proc: ipserve_pids(p)),
+                                  (lambda p=proc: (p.stop(timeout=15), p.cleanup())), baseline=True))
         for cls in classes:
             port += 1
             g = common.Gunicorn(tb, gunicorn, GUNICORN_APP, port, workers=args.workers,
@@ -335,6 +349,16 @@ def summarize(targets, mode: str) -> list[dict]:
             row["cpu_ratio_vs_cheaper_gunicorn"] = mmm(round(x, 3) for x in cpu_ratios)
             row["p99_ratio_vs_lower_gunicorn"] = mmm(round(x, 3) for x in p99_ratios)
             row["faster_gunicorn_per_round"] = faster
+        base = next((b for b in targets if b.baseline and b.rounds[mode]), None)
+        if t.kind == "ipserve" and not t.baseline and base is not None:
+            by_round = {rec["round"]: rec for rec in base.rounds[mode]}
+            row["ratio_vs_baseline"] = mmm(
+                round(rec["rps"] / by_round[rec["round"]]["rps"], 3) for rec in rounds
+                if by_round.get(rec["round"], {}).get("rps"))
+            row["cpu_ratio_vs_baseline"] = mmm(
+                round(rec["cpu_ms_per_1k_req"] / by_round[rec["round"]]["cpu_ms_per_1k_req"], 3)
+                for rec in rounds if rec["cpu_ms_per_1k_req"]
+                and by_round.get(rec["round"], {}).get("cpu_ms_per_1k_req"))
         rows.append(row)
     return rows
 
@@ -367,6 +391,11 @@ def render(summary: dict, targets, args, wrk2, conntrack_peak) -> str:
                          f"{100 * s['fairness']['median']:.0f}%",
                          f"{e['connect']}/{e['read']}/{e['write']}/{e['timeout']}/{e['non2xx']}"])
         out.append(common.table(rows))
+        for s in rows_in:
+            if s.get("ratio_vs_baseline"):
+                out.append(f"  {s['server']}: req/s over ipserve @{args.baseline} of each round "
+                           f"{_f(s['ratio_vs_baseline'], '{:.3f}')}, CPU per request "
+                           f"{_f(s.get('cpu_ratio_vs_baseline'), '{:.3f}')}")
         for s in rows_in:
             ratio = s.get("ratio_vs_faster_gunicorn")
             if ratio:
