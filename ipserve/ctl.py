@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from ipserve import config, control, names, orphans, runtime, status
+from ipserve import config, control, names, orphans, runtime, status, top
 from ipserve.errors import USAGE_ERROR, ArgumentParser, UsageError
 
 TIMEOUT = 10.0
@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     st = sub.add_parser("status", help="Show the master and every worker.")
     st.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    sub.add_parser("top", help="A live view of the master and every worker, slot by slot, "
+                               "refreshed every second (q quits).")
+    lk = sub.add_parser("leaks", help="Show what grew in retired workers (their leak reports).")
+    lk.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     sub.add_parser("stop", help="Graceful stop (like kill -TERM on the master); with no master, "
                                 "stop the workers it left and remove its rules.")
     sub.add_parser("reload", help="Start a new generation of workers (like kill -HUP).")
@@ -87,8 +91,10 @@ def run(argv: list[str] | None) -> int:
             raise UsageError(f"{name} is running (master pid {pid}); stop it instead")
         print(clean_up(runtime_dir, name, args.bind, all_backends=True))
         return 0
+    # top and leaks read the status document like status does.
+    command = "status" if args.command in ("top", "leaks") else args.command
     try:
-        reply = ask(path, name, args.command, args.timeout)
+        reply = ask(path, name, command, args.timeout)
     except control.NoMaster as exc:
         if args.command != "stop":
             raise Failed(f"{name}: {exc}") from None
@@ -98,6 +104,11 @@ def run(argv: list[str] | None) -> int:
         raise Failed(f"{name}: {exc}") from None
     if args.command == "status":
         print(json.dumps(reply, indent=2) if args.json else status.render_table(reply))
+    elif args.command == "top":
+        return top.run(lambda: ask(path, name, "status", args.timeout), first=reply)
+    elif args.command == "leaks":
+        reports = reply.get("leak_reports") or []    # an older master has none
+        print(json.dumps(reports, indent=2) if args.json else status.render_leaks(reports))
     else:
         print(reply.get("message") or json.dumps(reply))
     return 0

@@ -1,4 +1,9 @@
-from ipserve.status import render_table
+import json
+
+import pytest
+
+from ipserve import ctl
+from ipserve.status import duration, render_leaks, render_table, signed_size
 
 
 def test_table_shows_workers_reload_and_sockets():
@@ -21,3 +26,98 @@ def test_table_shows_workers_reload_and_sockets():
     assert "slot 0 socket: fd 7 0.0.0.0:8000" in text
     row = text.splitlines()[-1].split()
     assert row == ["11", "0", "2", "8000", "retiring", "31.0MiB", "4", "9", "0.5", "10", "60", "12"]
+
+
+def test_table_adds_websockets_and_requests_per_second_when_the_master_has_them():
+    status = {"name": "web", "router": "nft", "bind": ["0.0.0.0:8000"], "master": {"pid": 1,
+              "generation": 1},
+              "workers": [{"pid": 11, "slot": 0, "generation": 1, "port": 8000, "state": "active",
+                           "rss": 1 << 20, "connections": 4, "requests": 9, "lag_ms": 0.5,
+                           "nice": 0, "age_s": 60.0, "retired_for_s": None, "websockets": 2,
+                           "requests_per_s": 12.34}]}
+    header, row = (line.split() for line in render_table(status).splitlines()[-2:])
+    assert header == ["pid", "slot", "gen", "port", "state", "rss", "conns", "ws", "requests",
+                      "req/s", "lag_ms", "nice", "age_s", "retired_s"]
+    assert row == ["11", "0", "1", "8000", "active", "1.0MiB", "4", "2", "9", "12.3", "0.5", "0",
+                   "60", "-"]
+
+
+def test_table_of_a_worker_missing_fields_shows_dashes():
+    status = {"name": "web", "router": "nft", "bind": [], "master": {"pid": 1, "generation": 1},
+              "workers": [{"pid": 11, "slot": 0, "generation": 1, "state": "booting",
+                           "rss": None, "lag_ms": None}]}
+    row = render_table(status).splitlines()[-1].split()
+    assert row == ["11", "0", "1", "-", "booting", "-", "-", "-", "-", "-", "-", "-"]
+
+
+def leak_report(**overrides):
+    return {"pid": 21, "slot": 1, "generation": 2, "mode": "types", "at": 1_700_000_000.0,
+            "lifetime_s": 3725.0, "requests": 1200, "significant": False, "growth": [],
+            "error": None} | overrides
+
+
+def test_no_leak_reports_yet():
+    assert render_leaks([]) == "no leak reports yet"
+
+
+def test_leak_reports_oldest_first_with_growth_rows_under_each():
+    text = render_leaks([
+        leak_report(pid=21, significant=True, growth=[
+            {"what": "app.models.Session", "count": 1200, "size": 3 << 20},
+            {"what": "builtins.dict", "count": -5, "size": -400}]),
+        leak_report(pid=22, mode="tracemalloc", lifetime_s=30.0, requests=3,
+                    growth=[{"what": "app/views.py:123", "count": 7, "size": 2048}]),
+    ])
+    lines = text.splitlines()
+    assert lines[0].split() == ["pid", "slot", "gen", "lifetime", "requests", "mode", "at",
+                                "count", "size", "what"]
+    first = lines[1].split()
+    assert first[:7] == ["!", "21", "1", "2", "1h02m", "1200", "types"]
+    assert first[-3:] == ["+1200", "+3.0MiB", "app.models.Session"]
+    assert lines[2].split() == ["-5", "-400B", "builtins.dict"]
+    newest = lines[3].split()
+    assert newest[:6] == ["22", "1", "2", "30s", "3", "tracemalloc"]
+    assert newest[-3:] == ["+7", "+2.0KiB", "app/views.py:123"]
+    assert lines[-1] == "! = significant growth"
+    # The numbers line up, the names start in one column.
+    assert len({line.index(name) for line, name in zip(lines[1:4], (
+        "app.models.Session", "builtins.dict", "app/views.py:123"))}) == 1
+
+
+def test_leak_report_with_an_error_or_nothing_grown_or_keys_missing():
+    text = render_leaks([leak_report(error="tracemalloc is not tracing"), leak_report(pid=23),
+                         {"pid": 24}])
+    lines = text.splitlines()
+    assert lines[1].endswith("error: tracemalloc is not tracing")
+    assert lines[2].split()[0] == "23" and lines[2].endswith("(nothing grew)")
+    assert lines[3].split() == ["24", "-", "-", "-", "-", "-", "-", "(nothing", "grew)"]
+    assert "significant" not in text
+
+
+def test_signed_size():
+    assert (signed_size(0), signed_size(512), signed_size(-3 << 20)) == ("0B", "+512B", "-3.0MiB")
+
+
+@pytest.mark.parametrize("seconds, text", [(None, "-"), (5.4, "5s"), (65, "1m05s"),
+                                           (3725, "1h02m"), (2 * 86400 + 3 * 3600, "2d03h")])
+def test_duration(seconds, text):
+    assert duration(seconds) == text
+
+
+@pytest.fixture
+def master_says(monkeypatch, tmp_path):
+    """Run ipservectl against a pretend master that answers `status` with `reply`."""
+    def run(reply, *argv):
+        monkeypatch.setattr(ctl, "ask", lambda path, name, command, timeout: reply)
+        return ctl.run(["-n", "web", "--runtime-dir", str(tmp_path), *argv])
+    return run
+
+
+def test_leaks_command_prints_the_table_or_the_list(master_says, capsys):
+    reports = [leak_report()]
+    assert master_says({"leak_reports": reports}, "leaks") == 0
+    assert capsys.readouterr().out == render_leaks(reports) + "\n"
+    assert master_says({"leak_reports": reports}, "leaks", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == reports
+    assert master_says({"name": "older master"}, "leaks") == 0
+    assert capsys.readouterr().out == "no leak reports yet\n"
