@@ -16,7 +16,7 @@ import re
 import tomllib
 from typing import Any, Callable
 
-from ipserve import names
+from ipserve import accesslog, names
 
 ENV_PREFIX = "IPSERVE_"
 
@@ -280,7 +280,7 @@ def default_runtime_dir() -> str:
     return f"/tmp/ipserve-{os.geteuid()}"
 
 
-DEFAULT_ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s'
+DEFAULT_ACCESS_LOG_FORMAT = accesslog.DEFAULT_FORMAT
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 ROUTERS = ("auto", "nft", "iptables", "iptc", "reuseport")
 
@@ -404,13 +404,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Access log file, or - for standard output. Default: none.", metavar="FILE"),
     Setting("error_log", parse_str, "-",
             "Error log file, or - for standard error.", metavar="FILE"),
-    Setting("access_log_format", parse_str, DEFAULT_ACCESS_LOG_FORMAT,
+    Setting("access_log_format", accesslog.validate_format, DEFAULT_ACCESS_LOG_FORMAT,
             "Access log line, with gunicorn's atoms: %(h)s client address, %(l)s -, %(u)s "
             "user, %(t)s time, %(r)s request line, %(m)s method, %(U)s path, %(q)s query, "
             "%(H)s protocol, %(s)s status, %(b)s body bytes (- for none), %(B)s body bytes, "
             "%(f)s referer, %(a)s user agent, %(T)s seconds, %(D)s microseconds, %(M)s "
             "milliseconds, %(L)s decimal seconds, %(p)s pid, %({header}i)s request header, "
-            "%({header}o)s response header. Default: the common log format.",
+            "%({header}o)s response header, %({key}e)s WSGI environ key. Path and query are "
+            "as sent; every value is escaped (\\xHH, \\\", \\\\). Default: the common log format.",
             metavar="FORMAT"),
     Setting("log_format", choice("text", "json"), "text",
             "text, or json: one JSON object per line in the error and access logs, for log "
@@ -421,8 +422,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Prometheus metrics (/metrics) and /status.json. HOST:PORT or unix:/path. An "
             "address other than loopback needs admin_token. Default: off.", metavar="ADDRESS"),
     Setting("admin_token", optional(parse_token), None,
-            "When set, every admin request needs `Authorization: Bearer <token>`. Prefer the "
-            "config file or IPSERVE_ADMIN_TOKEN to the command line, which other users can "
+            "When set, every admin request but the dashboard page itself (which holds no data) "
+            "needs `Authorization: Bearer <token>`; open the dashboard as /?token=<token>. Prefer "
+            "the config file or IPSERVE_ADMIN_TOKEN to the command line, which other users can "
             "read in ps.", metavar="TOKEN"),
     Setting("leak_report", choice("types", "tracemalloc", "off"), "types",
             "When a retired worker has drained, report what grew in it since it became ready: "
@@ -567,7 +569,8 @@ def render_default(s: Setting) -> str:
     if isinstance(s.default, float):
         return f'"{s.default:g}s"'
     if isinstance(s.default, str):
-        return f'"{s.default}"'
+        # A TOML literal string when the value has quotes (access_log_format's does).
+        return f"'{s.default}'" if '"' in s.default else f'"{s.default}"'
     return str(s.default)
 
 

@@ -216,7 +216,7 @@ class Connection:
             if websocket is None:     # a WebSocket's request lasts as long as the socket
                 server.durations.observe(time.perf_counter() - began)
             if started:
-                server.log_access(self, request, started)
+                server.log_access(self, request, environ, started, time.perf_counter() - began)
         if websocket is not None:
             if websocket._open and not websocket.closed:
                 websocket.close()

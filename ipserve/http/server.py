@@ -7,11 +7,11 @@ import errno
 import logging
 import socket
 import sys
-import time
 
 import gevent
 from gevent.event import Event
 
+from ipserve import accesslog
 from ipserve.histogram import REQUEST_BOUNDS, RESPONSE_CLASSES, Histogram, response_class
 from ipserve.http.clientlog import ClientErrorLog
 from ipserve.http.connection import Connection
@@ -176,9 +176,13 @@ class Server:
             self.responses[index] += 1
 
     # ------------------------------------------------------------ access log
-    def log_access(self, connection: Connection, request, started: float) -> None:
-        status = (connection.status or "-")[:3]
-        self.access_log.info('%s - - [%s] "%s %s HTTP/%s" %s %d %.6f', connection.client,
-                             time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(started)),
-                             request.method.decode("ascii"), request.target.decode("latin-1"),
-                             request.version, status, connection.sent, time.time() - started)
+    def log_access(self, connection: Connection, request, environ: dict, started: float,
+                   duration: float) -> None:
+        """One access log line (only called with an access log). `started`: unix
+        time of the request; `duration`: seconds it took."""
+        log = self.access_log
+        log.write(accesslog.atoms(
+            remote=connection.client, method=request.method.decode("ascii"),
+            target=request.target.decode("latin-1"), version=request.version,
+            status=connection.status, sent=connection.sent, response_headers=connection.headers,
+            environ=environ, started=started, duration=duration, pid=log.pid))
