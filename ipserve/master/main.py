@@ -2,10 +2,12 @@
 
 1. check what can be checked alone: capacity, routing backend, runtime
    directory, log files (UsageError: exit 2, nothing touched);
-2. take the name's lock, taking over from a running master if need be;
-3. reserve the public addresses (or take the previous master's), write the
+2. bind the admin endpoint (admin_bind), unless the master we are about to
+   take over holds it: then once it has let go (see open_admin);
+3. take the name's lock, taking over from a running master if need be;
+4. reserve the public addresses (or take the previous master's), write the
    pid file, read what the previous master recorded;
-4. run the loop; at exit remove what is ours, unless handed over.
+5. run the loop; at exit remove what is ours, unless handed over.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 from ipserve import control, logs, routing, runtime, users
 from ipserve.config import Config
 from ipserve.errors import UsageError
-from ipserve.master import adoption, capacity, state, takeover
+from ipserve.master import admin, adoption, capacity, state, takeover
 from ipserve.master.loop import Master
 from ipserve.master.sockets import for_router
 from ipserve.master.spawner import Spawner
@@ -70,6 +72,41 @@ def read_recorded(path: str, log) -> state.Recorded | None:
         return None
 
 
+def open_admin(cfg: Config, lock: runtime.InstanceLock) -> tuple[admin.Listener | None, bool]:
+    """Bind admin_bind before anything is changed, so that an address in use
+    by another program, or not of this host, is refused like a public one.
+
+    Taking over: the running master of this name holds the address until it
+    exits. Its successor does not need the socket handed over: a master
+    closes its admin socket before it releases the instance lock (Master.close,
+    and serve() below), and takeover.acquire() returns only once we hold that
+    lock. So when the address is in use by the lock's holder itself, binding
+    waits until acquire() has returned (the bool returned: bind after the
+    takeover). Anyone else holding it is refused here."""
+    if cfg.admin_bind is None:
+        return None, False
+    try:
+        return admin.open_listener(cfg.admin_bind), False
+    except admin.BindError as exc:
+        holder = lock.holder()
+        if exc.in_use and holder is not None and admin.held_by(holder, cfg.admin_bind):
+            return None, True
+        raise
+
+
+def open_admin_after_takeover(cfg: Config, previous: takeover.Previous,
+                              log) -> admin.Listener | None:
+    try:
+        return admin.open_listener(cfg.admin_bind)
+    except admin.BindError as exc:
+        if previous.pid is None:
+            raise            # nothing was taken over: still a refusal, nothing changed
+        # Another program took the address in the instant between the previous
+        # master letting go and now. That master is gone: serve without it.
+        log.error("%s; serving without the admin endpoint", exc)
+        return None
+
+
 def serve(cfg: Config, worker_rss: int | None) -> int:
     raise_open_files_limit()
     why = capacity.problem(cfg.workers, len({b.family for b in cfg.bind}), worker_rss,
@@ -84,7 +121,8 @@ def serve(cfg: Config, worker_rss: int | None) -> int:
                          f"{socket_path!r} (a unix socket path has at most {MAX_SOCKET_PATH} "
                          f"bytes): choose a shorter runtime_dir")
     state_path = os.path.join(rt, cfg.name + ".state")
-    log = logs.setup_error_log(cfg.error_log, cfg.log_level, owner=worker_ids)
+    log = logs.setup_error_log(cfg.error_log, cfg.log_level, owner=worker_ids,
+                               log_format=cfg.log_format)
     logs.prepare_log_file(cfg.access_log, worker_ids)
     try:
         # A previous master's workers may hold the reuseport group: then the
@@ -95,9 +133,17 @@ def serve(cfg: Config, worker_rss: int | None) -> int:
         raise UsageError(str(exc)) from None
 
     lock = runtime.InstanceLock(os.path.join(rt, cfg.name + ".lock"))
-    previous = takeover.acquire(lock, runtime.InstanceLock(os.path.join(rt, cfg.name + ".takeover")),
-                                socket_path, cfg.name, log)
+    admin_listener, admin_after_takeover = open_admin(cfg, lock)
     try:
+        previous = takeover.acquire(lock, runtime.InstanceLock(os.path.join(rt, cfg.name + ".takeover")),
+                                    socket_path, cfg.name, log)
+    except BaseException:
+        if admin_listener is not None:
+            admin_listener.close()
+        raise
+    try:
+        if admin_after_takeover:
+            admin_listener = open_admin_after_takeover(cfg, previous, log)
         # The title is how a newcomer that finds us silent knows whom it kills.
         set_title(f"ipserve: master [{cfg.name}]")
         recorded = read_recorded(state_path, log)
@@ -105,6 +151,9 @@ def serve(cfg: Config, worker_rss: int | None) -> int:
         master = Master(cfg, router, sockets, Spawner(cfg.user, cfg.group), log,
                         state_path=state_path, control_owner=worker_ids,
                         write_state=runtime.write_private_json)
+        if admin_listener is not None:
+            master.admin = admin.AdminServer(admin_listener, cfg.admin_token,
+                                             admin.load_dashboard(), log)
         adopting = recorded is not None and adoption.adopt(master, recorded)
         try:
             if not (adopting and sockets.shared):   # else the group comes back from the workers
@@ -124,6 +173,8 @@ def serve(cfg: Config, worker_rss: int | None) -> int:
         runtime.write_pid_file(cfg.pid, os.getpid())
         runtime.remove_quietly(socket_path)   # a dead master's; we hold the lock
         try:
+            if master.admin is not None:
+                master.admin.start()
             return master.run()
         finally:
             master.close()
@@ -135,4 +186,6 @@ def serve(cfg: Config, worker_rss: int | None) -> int:
                      " (handed over)" if master.handed_over else "")
             sys.stderr.flush()
     finally:
+        if admin_listener is not None:
+            admin_listener.close()     # before the lock: our successor binds it then
         lock.release()
