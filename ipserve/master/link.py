@@ -16,6 +16,7 @@ import socket
 from ipserve import messages
 from ipserve.master import commands, settle
 from ipserve.master.connections import Connection
+from ipserve.master.leakreports import on_leak_report
 from ipserve.master.registry import WorkerRecord, WorkerState
 from ipserve.messages import BadMessage, Phase, ToWorker
 
@@ -43,6 +44,8 @@ def on_messages(master, conn: Connection, raw_messages: list[dict]) -> None:
                                conn.peer.pid, conn.peer.uid, type(message).__name__)
             master.control.close(conn)
             return
+        elif isinstance(message, messages.LeakReport):
+            on_leak_report(master, conn.worker, message)
         else:
             on_heartbeat(master, conn.worker, message)
 

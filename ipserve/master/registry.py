@@ -83,6 +83,7 @@ class WorkerRecord:
     requests_per_s: float = 0.0
     rate_mark: tuple[float, int] | None = None   # (when, requests) the rate is measured from
     connections_at_retire: int | None = None     # for drain progress
+    leak_reported: bool = False       # a retiring worker sends one leak report
     # what the master measures
     rss: int = 0
     nice: int = 0

@@ -30,6 +30,8 @@ from ipserve import logs  # noqa: E402
 from ipserve.control import FramingError, LineReader, encode, peer_of  # noqa: E402
 from ipserve.messages import BadMessage, Phase, ToWorker, parse_order  # noqa: E402
 from ipserve.worker.lag import HubLagMeter  # noqa: E402
+from ipserve.worker import leakcheck  # noqa: E402
+from ipserve.leaks import Setting as LeakSetting  # noqa: E402
 from ipserve.http.limits import Limits  # noqa: E402
 from ipserve.http.server import Server  # noqa: E402
 
@@ -75,8 +77,11 @@ class Worker:
         self.name = spec["name"]
         self.slot = spec["slot"]
         self.generation = spec["generation"]
-        self.log = logs.setup_error_log(spec["error_log"], spec["log_level"])
-        self.access_log = logs.setup_access_log(spec["access_log"])
+        self.log = logs.setup_error_log(spec["error_log"], spec["log_level"],
+                                        log_format=spec["log_format"])
+        self.access_log = logs.setup_access_log(
+            spec["access_log"], fmt=spec["access_log_format"],
+            log_format=spec["log_format"])
         self.server: Server | None = None
         self.port = 0
         self.phase = Phase.READY      # until the app is loaded, we do not even connect
@@ -84,22 +89,31 @@ class Worker:
         ipserve._lag_meter = self.lag
         self.link = None          # socket to the master, when connected
         self.started = time.time()
+        self.leak_check: leakcheck.LeakCheck | None = None   # leak_report = off
 
     # -------------------------------------------------------------- start-up
     def diagnostics(self) -> None:
         """Stacks on SIGABRT (the master sends it to a hung worker before
         SIGKILL), and gevent's report of whatever blocks the hub longer than
         block_report (its "Blocked Stack" names the code), both in the error log."""
-        stream = self.log.handlers[0].stream
-        faulthandler.enable(file=stream, all_threads=True)  # SIGABRT, SIGSEGV, ...: dump, then die
+        self.point_diagnostics_at_log()
         if self.spec["block_report"]:
             gevent.config.monitor_thread = True
             gevent.config.max_blocking_time = self.spec["block_report"]
-            hub = gevent.get_hub()
-            hub.exception_stream = stream
-            hub.start_periodic_monitoring_thread()
+            gevent.get_hub().start_periodic_monitoring_thread()
+
+    def point_diagnostics_at_log(self) -> None:
+        """Again after every reopen: faulthandler writes to a file descriptor,
+        and the old one, closed, could be reused by a client's socket."""
+        stream = self.log.handlers[0].stream
+        faulthandler.enable(file=stream, all_threads=True)  # SIGABRT, SIGSEGV, ...: dump, then die
+        gevent.get_hub().exception_stream = stream
 
     def run(self) -> None:
+        # First: with leak_report = tracemalloc, tracing must see the
+        # application's import and every allocation after it.
+        self.leak_check = leakcheck.start(LeakSetting(self.spec.get("leak_report", "off")),
+                                          self.log)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # one process holds thousands of long-lived connections
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -121,6 +135,15 @@ class Worker:
                              lag=self.lag, log=self.log, access_log=self.access_log,
                              environ={"ipserve.worker": worker_info},
                              public=public_addresses(self.spec.get("bind", ())))
+        if self.leak_check is not None:
+            # The leak report's baseline: the app is imported and the server
+            # built, and nothing has been accepted. The census blocks the hub
+            # (gc.collect() and a walk over every object), so it runs now,
+            # before we tell the master we are ready: nothing is routed to us
+            # until then (a reload's old generation keeps serving meanwhile),
+            # so it costs no client anything. At ACTIVATE it would: the slot
+            # is already switched to us and new connections would wait.
+            self.leak_check.baseline()
         self._set_title("ready")
         self.lag.start()
         gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(self.stop, self.spec["graceful_timeout"]))
@@ -261,8 +284,13 @@ class Worker:
         elif kind is ToWorker.CLOSE:
             gevent.spawn(self.close_all)
         elif kind is ToWorker.REOPEN:
-            self.log = logs.setup_error_log(self.spec["error_log"], self.spec["log_level"])
-            self.access_log = logs.setup_access_log(self.spec["access_log"])
+            # The same logger objects, new handlers: the server's references stay good.
+            self.log = logs.setup_error_log(self.spec["error_log"], self.spec["log_level"],
+                                            log_format=self.spec["log_format"])
+            self.access_log = logs.setup_access_log(
+                self.spec["access_log"], fmt=self.spec["access_log_format"],
+                log_format=self.spec["log_format"])
+            self.point_diagnostics_at_log()
         elif kind is ToWorker.REFUSED:
             # The master does not know us (it lost its predecessor's record of
             # us): nothing will ever be routed to us again.
@@ -308,7 +336,28 @@ class Worker:
         while self.connections():
             gevent.sleep(0.5)
         self.log.info("retired: last connection closed after %d request(s)", self.requests())
-        self.quit()
+        try:
+            self.send_leak_report()
+        finally:
+            self.quit()
+
+    def send_leak_report(self) -> None:
+        """What grew since ready, told to the master: only here, at the end of
+        a retirement whose last connection closed (the census blocks the hub,
+        and no client is left to wait on it). A stop, a kill or close_all
+        sends none: their connections were cut, so what they held is no leak."""
+        if self.leak_check is None:
+            return
+        message = self.leak_check.report(time.time() - self.started, self.requests())
+        sock = self.link
+        if sock is None:
+            self.log.info("leak report not sent: no master connected")
+            return
+        try:
+            sock.settimeout(2.0)
+            sock.sendall(encode(message))
+        except Exception as exc:   # noqa: BLE001 - exiting matters more than the report
+            self.log.info("leak report not sent: %s", exc)
 
     def close_websockets(self) -> int:
         websockets = list(self.server.websockets)
