@@ -233,26 +233,36 @@ class ControlServer:
             self.selector.register(self.listener, selectors.EVENT_READ, (Event.ACCEPT, None))
 
     # ------------------------------------------------------------ reading
-    def read(self, conn: Connection) -> None:
+    def read(self, conn: Connection) -> bool:
+        """Read and handle what arrived; False when nothing was waiting."""
         try:
             data, fds, _, _ = socket.recv_fds(conn.sock, 65536, control.MAX_FDS)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             data, fds = b"", []
         conn.fds.extend(fds)
         if not data:
             self.close(conn)
-            return
+            return True
         try:
             messages = conn.reader.feed(data)
         except control.FramingError as exc:
             self.log.warning("control: closing the connection of pid %d (uid %d): %s",
                              conn.peer.pid, conn.peer.uid, exc)
             self.close(conn)
-            return
+            return True
         if messages:
             self.on_messages(conn, messages)
+        return True
+
+    def read_last_words(self, conn: Connection, reads: int = 16) -> None:
+        """What a peer that has exited sent just before: a worker's last
+        heartbeat and leak report may still wait unread when its exit is
+        handled first."""
+        for _ in range(reads):
+            if conn.closed or not self.read(conn):
+                return
 
     def writable(self, conn: Connection) -> None:
         if not conn.flush():

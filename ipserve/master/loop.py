@@ -297,6 +297,8 @@ class Master:
         self.selector.unregister(record.process.fileno())
         code = record.process.reap()
         record.process.close()
+        if record.conn is not None:
+            self.control.read_last_words(record.conn)
         self.registry.remove(record)
         if record.conn is not None:
             self.control.close(record.conn)

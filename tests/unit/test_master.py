@@ -7,6 +7,7 @@ suites run the same code against real processes and real kernel rules.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 
@@ -546,3 +547,40 @@ def test_series_keeps_a_few_minutes_of_samples_per_worker(tmp_path):
     series = master.series()
     (samples,) = series["workers"].values()
     assert len(samples["rss"]) == len(samples["lag_ms"]) == 90 and series["interval_s"] == 2.0
+
+
+def test_a_workers_last_words_are_read_even_when_its_exit_is_handled_first(tmp_path):
+    master = make_master(tmp_path, workers=1, timeout=0)
+    peers = start(master)
+    (worker,) = of_generation(master, 1)
+    peer = peers[worker.pid]
+    peer.theirs.sendall(json.dumps(heartbeat(requests=77)).encode() + b"\n")
+    peer.theirs.close()                      # it exited right after its last heartbeat
+    exit_worker(master, worker, code=0)
+    assert master.status()["counters"]["requests"] == 77
+
+
+def leak_report(**overrides) -> dict:
+    return {"type": "leak-report", "mode": "types", "lifetime_s": 40.0, "requests": 2000,
+            "growth": [{"what": "leaky.LeakyThing", "count": 2000, "size": 112000}], **overrides}
+
+
+def test_one_leak_report_per_retiring_worker_is_kept_and_logged(tmp_path, caplog):
+    master = make_master(tmp_path, workers=1, timeout=0)
+    peers = start(master)
+    (old,) = of_generation(master, 1)
+    peers[old.pid].say(leak_report())                 # active: not a real report
+    assert master.status()["leak_reports"] == []
+    sig(master, signal.SIGHUP)
+    for _ in range(5):
+        master.tick()
+        say_ready(master, booting(master))
+    master.tick()
+    assert old.state is R
+    with caplog.at_level(logging.WARNING):
+        peers[old.pid].say(leak_report(), leak_report(growth=[]))
+    (report,) = master.status()["leak_reports"]
+    assert (report["pid"], report["slot"], report["generation"]) == (old.pid, 0, 1)
+    assert report["significant"] and report["growth"][0]["what"] == "leaky.LeakyThing"
+    assert sum("leaky.LeakyThing" in r.getMessage() for r in caplog.records) == 1
+    assert any("its second" in r.getMessage() for r in caplog.records)
