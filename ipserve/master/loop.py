@@ -25,6 +25,7 @@ from typing import Callable
 
 from ipserve import children, config, control, logs
 from ipserve.config import Config
+from ipserve.errors import UsageError
 from ipserve.master import (adoption, commands, health, link, policy, reload, settle, slottable,
                             spawning)
 from ipserve.master.connections import ControlServer
@@ -106,6 +107,17 @@ class Master:
     @property
     def slot_count(self) -> int:
         return len(self.slots)
+
+    def apply_log_settings(self, before: Config) -> None:
+        """A reload changes how the master logs as it does for the new workers."""
+        keys = ("error_log", "log_level", "log_format")
+        if all(before.values[key] == self.cfg.values[key] for key in keys):
+            return
+        try:
+            logs.setup_error_log(self.cfg.error_log, self.cfg.log_level, owner=self.control_owner,
+                                 log_format=self.cfg.log_format)
+        except UsageError as exc:      # a log file that is not safely ours
+            self.log.error("the master keeps its error log as it was: %s", exc)
 
     def remember_deploy(self, deploy: Reload) -> None:
         self.last_reload = deploy

@@ -178,7 +178,8 @@ def progress(master, now: float) -> None:
 def commit(master, reload: Reload, now: float) -> None:
     """The successors take their slots together: one table, one rule write."""
     if reload.kind is Kind.DEPLOY:
-        master.cfg = reload.cfg
+        before, master.cfg = master.cfg, reload.cfg
+        master.apply_log_settings(before)
         master.generation = reload.generation
         resize(master, reload.slots)
         master.deploy = None

@@ -213,3 +213,24 @@ def test_bad_access_log_format_exits_2_naming_it(testbed, ipserve):
     assert lines[0].startswith("ipserve: error: access_log_format = '%(h)s %(nope)s'"), lines
     assert "unknown atom %(nope)s" in lines[0]
     assert netns.ns_pids(testbed.server_ns) == [], "nothing started"
+
+
+def test_a_reload_switches_the_masters_error_log_to_json_too(testbed, ipserve, tmp_path):
+    conf = tmp_path / "ipserve.toml"
+    conf.write_text('log_format = "text"\n')
+    srv = serve(ipserve, extra=["-c", conf])
+    conf.write_text('log_format = "json"\n')
+    srv.send_signal(signal.SIGHUP)
+    srv.wait_for(lambda st: routed_workers(st, 2, generation=2) is not None, timeout=60,
+                 what="generation 2 routed")
+    srv.wait_log("generation 2 is ready on every slot")
+    lines = srv.own_lines()
+    switched = next(i for i, line in enumerate(lines) if "generation 2 is ready on every slot" in line)
+    assert f"] [{srv.pid}] [INFO]" in lines[0], lines[0]          # text before the reload
+    master_json = 0
+    for line in lines[switched:]:
+        if line.startswith("{"):
+            master_json += json.loads(line)["pid"] == srv.pid
+        else:   # the old generation keeps the format it started with
+            assert f"] [{srv.pid}] [" not in line, f"the master still writes text: {line}"
+    assert master_json, "the master's lines after the switch"
