@@ -416,6 +416,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_format", choice("text", "json"), "text",
             "text, or json: one JSON object per line in the error and access logs, for log "
             "shippers."),
+    # -- TLS
+    Setting("certfile", optional(parse_str), None,
+            "PEM certificate (chain) the workers present: with it they speak HTTPS and wss "
+            "(HTTP/1.1, ALPN http/1.1). Read by each new generation, so a HUP loads a renewed "
+            "certificate. Default: plain HTTP.", metavar="FILE"),
+    Setting("keyfile", optional(parse_str), None,
+            "PEM private key of certfile (default: in certfile itself).", metavar="FILE"),
+    Setting("ca_certs", optional(parse_str), None,
+            "PEM CA certificates that client certificates must chain to (ssl_client_verify).",
+            metavar="FILE"),
+    Setting("ssl_client_verify", choice("none", "optional", "required"), "none",
+            "Ask clients for a certificate: none, optional (checked if sent) or required; "
+            "needs ca_certs."),
+    Setting("ssl_minimum_version", choice("TLSv1.2", "TLSv1.3"), "TLSv1.2",
+            "Oldest TLS version accepted."),
+    Setting("ssl_ciphers", optional(parse_str), None,
+            "OpenSSL cipher list for TLS 1.2 (TLS 1.3's suites are OpenSSL's). Default: "
+            "Python's.", metavar="CIPHERS"),
     # -- observability
     Setting("admin_bind", optional(parse_admin_bind), None,
             "Where the master serves its read-only admin endpoint: the dashboard (/), "
@@ -524,6 +542,11 @@ def resolve(cli: dict[str, Any], environ: dict[str, str] | None = None) -> Confi
         values["runtime_dir"] = default_runtime_dir()
     if values["pid"] is None:
         values["pid"] = os.path.join(values["runtime_dir"], values["name"] + ".pid")
+    if values["keyfile"] is not None and values["certfile"] is None:
+        raise ConfigError(f"keyfile ({sources['keyfile']}) needs certfile")
+    if values["ssl_client_verify"] != "none" and values["ca_certs"] is None:
+        raise ConfigError(f"ssl_client_verify = {values['ssl_client_verify']!r} "
+                          f"({sources['ssl_client_verify']}) needs ca_certs")
     admin = values["admin_bind"]
     if admin is not None and not is_loopback(admin) and values["admin_token"] is None:
         raise ConfigError(f"admin_bind = {str(admin)!r} ({sources['admin_bind']}) is not a loopback "

@@ -6,13 +6,16 @@ from __future__ import annotations
 import os
 import random
 import socket
+import ssl
 import time
 from urllib.parse import unquote_to_bytes
 
 import gevent
 import httptools
+from gevent.socket import socket as GeventSocket
 from gevent.socket import wait_write
 
+from ipserve.http import tls
 from ipserve.http.body import Input
 from ipserve.http.errors import ClientError, ClientGone, error_response
 from ipserve.http.parser import Request, RequestParser
@@ -102,10 +105,13 @@ class Connection:
     # ------------------------------------------------------------ the loop
     def serve(self) -> None:
         try:
-            # The first request's head must arrive within header_timeout of the accept.
+            # The first request's head (and with TLS the handshake before it)
+            # must arrive within header_timeout of the accept.
             timeout = self.server.limits.header_timeout
-            request = self.next_request(None if timeout is None else self.server.clock() + timeout,
-                                        first=True)
+            deadline = None if timeout is None else self.server.clock() + timeout
+            if self.server.tls is not None and not self.handshake(deadline):
+                return
+            request = self.next_request(deadline, first=True)
             clock = self.server.clock
             turn_began, served_in_turn = clock(), 0
             while request is not None and self.handle(request):
@@ -129,6 +135,42 @@ class Connection:
             self.server.log.exception("connection from %s failed", self.client)
         finally:
             self.close()
+
+    def handshake(self, deadline: float | None) -> bool:
+        """TLS: wrap the socket and do the handshake here, in this
+        connection's greenlet, by `deadline` (the sweeper cuts a client that
+        stalls it, as it cuts a slow request head). False: it failed, and was
+        logged as a client error."""
+        server = self.server
+        sock = server.tls.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.sock = sock
+        # Both: a handshake waits to read the client's flights and to send ours.
+        self.read_deadline = self.write_deadline = deadline
+        try:
+            sock.do_handshake()
+        except OSError as exc:      # ssl.SSLError included
+            self.read_deadline = self.write_deadline = None
+            kind, detail = tls.handshake_failure(exc, self.timed_out)
+            server.client_errors.note(kind, self.client, detail)
+            if tls.is_plain_http(exc) and not self.timed_out:
+                # OpenSSL sent nothing: answer in plain text, as nginx does,
+                # and linger so the client reads it rather than a reset.
+                self.unclean = True
+                try:
+                    GeventSocket.send(sock, error_response(
+                        400, body="plain HTTP request sent to the HTTPS port"))
+                    server.count_response("400")
+                except OSError:
+                    pass
+            return False
+        finally:
+            self.read_deadline = self.write_deadline = None
+        if server.tls.verify_mode != ssl.CERT_NONE:
+            dn = tls.subject_dn(sock.getpeercert())
+            if dn is not None:
+                self.base_environ = {**self.base_environ, "SSL_CLIENT_S_DN": dn,
+                                     "SSL_CLIENT_VERIFY": "SUCCESS"}
+        return True
 
     def next_request(self, head_deadline: float | None, first: bool) -> Request | None:
         """The next request's head, or None if the client is done. A keep-alive
@@ -430,7 +472,8 @@ class Connection:
                 body = b"".join(result)
                 self.send_head(body, len(body))
                 return self.end_body()
-        elif type(result) is FileWrapper and not self.head_sent and self.status is not None:
+        elif (type(result) is FileWrapper and not self.head_sent and self.status is not None
+              and self.server.tls is None):       # sendfile(2) would bypass TLS
             fd = result.fileno()
             if fd is not None:
                 return self.send_file(result, fd)
@@ -521,7 +564,9 @@ class Connection:
         greenlet blocked on the socket; it sees end of input, or a failed send."""
         self.timed_out = True
         try:
-            self.sock.shutdown(socket.SHUT_RDWR if writing else socket.SHUT_RD)
+            # gevent's plain socket.shutdown, on a TLS socket too: its own
+            # drops the TLS state, and our 408 would go out in plaintext.
+            GeventSocket.shutdown(self.sock, socket.SHUT_RDWR if writing else socket.SHUT_RD)
         except OSError:
             pass
 

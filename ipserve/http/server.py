@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import ssl
 import sys
 
 import gevent
@@ -28,7 +29,8 @@ _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _ACCEPT_RETRY = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN)
 
 
-def base_environ(listener: socket.socket, public: dict[int, tuple[str, int]], extra: dict) -> dict:
+def base_environ(listener: socket.socket, public: dict[int, tuple[str, int]], extra: dict,
+                 tls: bool = False) -> dict:
     """The environ keys that are the same for every request on `listener`.
     SERVER_NAME and SERVER_PORT are the public address of its family, not the
     worker's own port, which NAT routing hides from clients."""
@@ -43,14 +45,16 @@ def base_environ(listener: socket.socket, public: dict[int, tuple[str, int]], ex
         "SCRIPT_NAME": "", "SERVER_NAME": host, "SERVER_PORT": str(port),
         "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
         "wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": False,
-        "wsgi.input_terminated": True, "wsgi.file_wrapper": FileWrapper, **extra,
+        "wsgi.input_terminated": True, "wsgi.file_wrapper": FileWrapper,
+        **({"wsgi.url_scheme": "https", "HTTPS": "on"} if tls else {}), **extra,
     }
 
 
 class Server:
     def __init__(self, listeners: list[socket.socket], app, *, limits: Limits, lag,
                  log: logging.Logger, access_log: logging.Logger | None = None,
-                 environ: dict | None = None, public: dict[int, tuple[str, int]] | None = None):
+                 environ: dict | None = None, public: dict[int, tuple[str, int]] | None = None,
+                 tls: ssl.SSLContext | None = None):
         self.listeners = listeners
         self.app = app
         self.limits = limits
@@ -59,6 +63,9 @@ class Server:
         self.access_log = access_log
         self.environ = environ or {}
         self.public = public or {}      # family -> the (host, port) clients connect to
+        # With a context, every connection is TLS: its greenlet does the
+        # handshake (Connection.serve), never the accept loop.
+        self.tls = tls
         self.clock = gevent.get_hub().loop.now     # libev's cached monotonic time
         self.client_errors = ClientErrorLog(log, self.clock)
         self.open: set[Connection] = set()
@@ -81,7 +88,8 @@ class Server:
     def start(self) -> None:
         for listener in self.listeners:
             self._accepters.append(gevent.spawn(self._accept_loop, listener,
-                                                base_environ(listener, self.public, self.environ)))
+                                                base_environ(listener, self.public, self.environ,
+                                                             self.tls is not None)))
         gevent.spawn(self._sweep_loop)
 
     def close(self) -> None:

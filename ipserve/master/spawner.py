@@ -94,8 +94,11 @@ class Spawner:
 
     def spawn(self, spec: dict, fds: list[int]) -> ProcessHandle:
         spec = dict(spec, listen_fds=list(fds))
+        # With TLS, the sealed copies of the key and certificate files too
+        # (ipserve.http.tls): inherited like the sockets, never on the command line.
+        passed = [*fds, *(spec.get("tls_fds") or {}).values()]
         popen = children.popen([sys.executable, "-m", "ipserve.worker", json.dumps(spec)],
-                               pass_fds=fds, start_new_session=True, stdin=subprocess.DEVNULL,
+                               pass_fds=passed, start_new_session=True, stdin=subprocess.DEVNULL,
                                close_fds=True, **self.identity)
         try:
             pidfd = os.pidfd_open(popen.pid)

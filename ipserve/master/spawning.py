@@ -9,6 +9,7 @@ import random
 import selectors
 
 from ipserve.config import Config
+from ipserve.http import tls
 from ipserve.master import policy, slottable
 from ipserve.master.events import Event
 from ipserve.master.registry import WorkerRecord
@@ -28,13 +29,38 @@ def worker_spec(cfg: Config, slot: int, generation: int, serial: int, control_pa
                 "limit_request_field_size", "limit_request_body", "header_timeout",
                 "body_timeout", "keepalive", "worker_connections", "ws_send_timeout",
                 "ws_max_message", "shed_load", "access_log_format", "log_format",
-                "leak_report")}}
+                "leak_report", "certfile", "keyfile", "ca_certs", "ssl_client_verify",
+                "ssl_minimum_version", "ssl_ciphers")}}
+
+
+def tls_files(cfg: Config) -> tuple[dict[str, int], str | None]:
+    """With TLS: the certificate, key and CA files read now, by the master (root:
+    the worker's user need not be able to read the key), as sealed anonymous
+    files to pass to the worker, which closes them once loaded. Read at every
+    spawn, as the worker reads the application's code: a new generation
+    serves renewed files. A file we cannot read is the worker's boot failure
+    to report (the reload fails and status says why), not the master's."""
+    settings = tls.TlsSettings.from_settings(cfg.values)
+    if settings is None:
+        return {}, None
+    try:
+        return tls.seal_all(tls.read_files(settings)), None
+    except tls.TlsError as exc:
+        return {}, str(exc)
 
 
 def spawn_worker(master, cfg: Config, slot: int, generation: int, listeners: Listeners) -> WorkerRecord:
     master.serial += 1
     spec = worker_spec(cfg, slot, generation, master.serial, master.control.path, master.sockets.shared)
-    process = master.spawner.spawn(spec, listeners.fds())
+    tls_fds, tls_error = tls_files(cfg)
+    if tls_fds:
+        spec["tls_fds"] = tls_fds
+    if tls_error:
+        spec["tls_error"] = tls_error
+    try:
+        process = master.spawner.spawn(spec, listeners.fds())
+    finally:
+        tls.close_all(tls_fds)       # the worker has its own copies of the descriptors
     now = master.clock()
     record = WorkerRecord(pid=process.pid, slot=slot, generation=generation, serial=master.serial,
                           process=process, start_time=process.start_time, spawned_at=now,

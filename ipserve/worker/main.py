@@ -34,6 +34,7 @@ from ipserve.worker import leakcheck  # noqa: E402
 from ipserve.leaks import Setting as LeakSetting  # noqa: E402
 from ipserve.http.limits import Limits  # noqa: E402
 from ipserve.http.server import Server  # noqa: E402
+from ipserve.http import tls  # noqa: E402
 
 
 RETIRE_ACCEPT_GRACE = 1.0
@@ -118,6 +119,9 @@ class Worker:
         if soft < hard:  # one process holds thousands of long-lived connections
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.diagnostics()
+        # Before the application is imported: the descriptors of the key and
+        # certificate the master passed are closed before any of its code runs.
+        tls_context = tls.worker_context(self.spec)
         if self.spec.get("chdir"):
             os.chdir(self.spec["chdir"])
         worker_info = {"slot": self.slot, "generation": self.generation, "pid": os.getpid(),
@@ -134,7 +138,8 @@ class Worker:
         self.server = Server(listeners, application, limits=Limits.from_settings(self.spec),
                              lag=self.lag, log=self.log, access_log=self.access_log,
                              environ={"ipserve.worker": worker_info},
-                             public=public_addresses(self.spec.get("bind", ())))
+                             public=public_addresses(self.spec.get("bind", ())),
+                             tls=tls_context)
         if self.leak_check is not None:
             # The leak report's baseline: the app is imported and the server
             # built, and nothing has been accepted. The census blocks the hub
@@ -430,6 +435,10 @@ def main(argv: list[str] | None = None) -> None:
     except app_loader.AppError as exc:
         worker.log.error("slot %d gen %d cannot start: %s\n%s", worker.slot, worker.generation,
                          exc, exc.detail.rstrip())
+        worker.report_boot_failure(str(exc))
+        sys.exit(3)
+    except tls.TlsError as exc:     # one line, like a bad APP: the files are the cause
+        worker.log.error("slot %d gen %d cannot start: %s", worker.slot, worker.generation, exc)
         worker.report_boot_failure(str(exc))
         sys.exit(3)
     except Exception as exc:
