@@ -121,5 +121,6 @@ def handover(master, new_pid: int | None) -> tuple[dict, list[int]]:
         return {"ok": False, "error": f"master pid {os.getpid()} refuses to hand over: {busy}"}, []
     master.flush_state(force=True)
     master.handed_over = True
+    master.successor_pid = new_pid     # named to systemd as the main pid once we let go
     master.log.info("handing over to a new master (pid %s); workers keep serving", new_pid)
     return {"ok": True, "pid": os.getpid()}, [s.fileno() for s in master.sockets.handover_sockets()]

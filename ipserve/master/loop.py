@@ -23,7 +23,7 @@ import time
 import traceback
 from typing import Callable
 
-from ipserve import children, config, control, logs
+from ipserve import children, config, control, logs, sdnotify
 from ipserve.config import Config
 from ipserve.errors import UsageError
 from ipserve.master import (adoption, commands, health, link, policy, reload, settle, slottable,
@@ -53,7 +53,8 @@ class Master:
     def __init__(self, cfg: Config, router, sockets, spawner, log: logging.Logger, *,
                  state_path: str, control_owner: tuple[int, int] | None = None,
                  clock: Callable[[], float] = time.monotonic, threaded_routes: bool = True,
-                 write_state: Callable[[str, dict], None] | None = None):
+                 write_state: Callable[[str, dict], None] | None = None,
+                 notifier: sdnotify.Notifier | None = None):
         self.cfg = cfg
         self.router = router
         self.sockets = sockets
@@ -83,6 +84,8 @@ class Master:
         self.stop_deadline = 0.0
         self.killed_at_deadline = False
         self.handed_over = False
+        self.successor_pid: int | None = None     # the master we handed over to
+        self.notifier = notifier or sdnotify.Notifier(None, log)   # systemd, if it listens
         self.serving_since: float | None = None   # every slot had an active holder once
         self.adopting_until: float | None = None
         self.pending_signals: collections.deque[int] = collections.deque()
@@ -124,6 +127,11 @@ class Master:
         self.reload_history.append(deploy)
         self.last_publish = -1e9       # show it on the dashboard at once
 
+    def notify(self, event: sdnotify.Event, pid: int | None = None) -> None:
+        """Tell systemd (when it listens) what just happened, with a fresh STATUS=."""
+        if self.notifier.enabled:
+            self.notifier.notify(event, sdnotify.status_text(self), pid=pid)
+
     def reloads(self) -> list[Reload]:
         """Reloads in progress: the deploy, if any, and health replacements."""
         return ([self.deploy] if self.deploy else []) + list(self.replacements.values())
@@ -143,6 +151,8 @@ class Master:
             self.guard(self.tick)
             self.guard(self.flush_state)
             self.guard(self.publish)
+        if self.handed_over:   # systemd follows the successor before our exit reaches it
+            self.guard(self.notify, sdnotify.Event.MAIN_PID, self.successor_pid)
         return 0
 
     def dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
@@ -225,6 +235,7 @@ class Master:
     # ================================================================ tick
     def tick(self) -> None:
         now = self.clock()
+        self.notifier.tick(now, lambda: sdnotify.status_text(self))   # a hung loop stops WATCHDOG=1
         self.control.resume_if_due()
         self.control.close_silent(now)
         if os.getpid() == 1:
@@ -362,6 +373,7 @@ class Master:
             self.routes.drain()
             for slot in self.slots:
                 settle.stop_refusing(self, slot)
+            self.notify(sdnotify.Event.STOPPING)
         now = self.clock()
         if mode is StopMode.GRACEFUL:
             self.stop_deadline = now + self.cfg.graceful_timeout + STOP_KILL_GRACE

@@ -1,7 +1,7 @@
 """Bring a master up, in an order where every refusal comes before any change:
 
-1. check what can be checked alone: capacity, routing backend, runtime
-   directory, log files (UsageError: exit 2, nothing touched);
+1. check what can be checked alone: TLS files and ciphers, capacity, routing
+   backend, runtime directory, log files (UsageError: exit 2, nothing touched);
 2. bind the admin endpoint (admin_bind), unless the master we are about to
    take over holds it: then once it has let go (see open_admin);
 3. take the name's lock, taking over from a running master if need be;
@@ -16,9 +16,10 @@ import os
 import resource
 import sys
 
-from ipserve import control, logs, routing, runtime, users
+from ipserve import control, logs, routing, runtime, sdnotify, users
 from ipserve.config import Config
 from ipserve.errors import UsageError
+from ipserve.http import tls
 from ipserve.master import admin, adoption, capacity, state, takeover
 from ipserve.master.loop import Master
 from ipserve.master.sockets import for_router
@@ -107,7 +108,20 @@ def open_admin_after_takeover(cfg: Config, previous: takeover.Previous,
         return None
 
 
+def check_tls(cfg: Config) -> None:
+    """Certificate, key, CA file and ciphers, checked as root exactly as a
+    worker will load them: a mistake that would keep every worker from booting
+    is one line and exit 2 now."""
+    settings = tls.TlsSettings.from_settings(cfg.values)
+    if settings is not None:
+        try:
+            tls.check(settings)
+        except tls.TlsError as exc:
+            raise UsageError(str(exc)) from None
+
+
 def serve(cfg: Config, worker_rss: int | None) -> int:
+    check_tls(cfg)
     raise_open_files_limit()
     why = capacity.problem(cfg.workers, len({b.family for b in cfg.bind}), worker_rss,
                            capacity.Facts.read())
@@ -124,6 +138,7 @@ def serve(cfg: Config, worker_rss: int | None) -> int:
     log = logs.setup_error_log(cfg.error_log, cfg.log_level, owner=worker_ids,
                                log_format=cfg.log_format)
     logs.prepare_log_file(cfg.access_log, worker_ids)
+    notifier = sdnotify.Notifier.from_environ(os.environ, log)   # workers must not inherit it
     try:
         # A previous master's workers may hold the reuseport group: then the
         # port is expectedly in use, and is taken back from them.
@@ -136,7 +151,9 @@ def serve(cfg: Config, worker_rss: int | None) -> int:
     admin_listener, admin_after_takeover = open_admin(cfg, lock)
     try:
         previous = takeover.acquire(lock, runtime.InstanceLock(os.path.join(rt, cfg.name + ".takeover")),
-                                    socket_path, cfg.name, log)
+                                    socket_path, cfg.name, log,
+                                    claim_main_pid=lambda: notifier.notify(
+                                        sdnotify.Event.MAIN_PID, "taking over", pid=os.getpid()))
     except BaseException:
         if admin_listener is not None:
             admin_listener.close()
@@ -144,13 +161,16 @@ def serve(cfg: Config, worker_rss: int | None) -> int:
     try:
         if admin_after_takeover:
             admin_listener = open_admin_after_takeover(cfg, previous, log)
+        if previous.pid is not None:   # believed if we are the main pid already (NotifyAccess=main)
+            notifier.notify(sdnotify.Event.MAIN_PID, f"took over from master pid {previous.pid}",
+                            pid=os.getpid())
         # The title is how a newcomer that finds us silent knows whom it kills.
         set_title(f"ipserve: master [{cfg.name}]")
         recorded = read_recorded(state_path, log)
         sockets = for_router(router, cfg.bind, cfg.backlog)
         master = Master(cfg, router, sockets, Spawner(cfg.user, cfg.group), log,
                         state_path=state_path, control_owner=worker_ids,
-                        write_state=runtime.write_private_json)
+                        write_state=runtime.write_private_json, notifier=notifier)
         if admin_listener is not None:
             master.admin = admin.AdminServer(admin_listener, cfg.admin_token,
                                              admin.load_dashboard(), log)

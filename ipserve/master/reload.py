@@ -20,7 +20,7 @@ import dataclasses
 import enum
 import time
 
-from ipserve import config
+from ipserve import config, sdnotify
 from ipserve.config import Config, ConfigError
 from ipserve.master import policy, settle, slottable, spawning
 from ipserve.master.registry import WorkerRecord, WorkerState
@@ -111,6 +111,7 @@ def begin_deploy(master, slots: int | None = None, reason: str = "reload") -> No
         failed.finish(Outcome.FAILED, master.clock(), str(exc))
         master.remember_deploy(failed)
         master.counters.reload_finished(failed)
+        master.notify(sdnotify.Event.RELOAD_REFUSED)
         return
     if master.deploy is not None:
         fail_reload(master, master.deploy, f"superseded by a newer {reason}")
@@ -129,6 +130,7 @@ def begin_deploy(master, slots: int | None = None, reason: str = "reload") -> No
                            reason=reason)
     master.remember_deploy(master.deploy)
     master.log.info("%s: starting generation %d with %d workers", reason, generation, count)
+    master.notify(sdnotify.Event.RELOADING)
 
 
 def reread_config(master) -> Config:
@@ -199,6 +201,7 @@ def commit(master, reload: Reload, now: float) -> None:
     if reload.kind is Kind.DEPLOY:
         master.log.info("%s: generation %d is ready on every slot (%.2fs); switching",
                         reload.reason, reload.generation, reload.seconds)
+        master.notify(sdnotify.Event.READY)
 
 
 def resize(master, count: int) -> None:
@@ -234,6 +237,8 @@ def fail_reload(master, reload: Reload, why: str, failed: WorkerRecord | None = 
         master.log.error("%s to generation %d failed, no slot switched; generation %d keeps "
                          "serving every slot: %s", reload.reason, reload.generation,
                          master.generation, why)
+        if not master.stopping:      # STOPPING=1 follows: a stop is not a finished reload
+            master.notify(sdnotify.Event.READY)
     elif master.replacements.get(reload.targets[0]) is reload:
         del master.replacements[reload.targets[0]]
         if reload.replaces is not None:

@@ -16,7 +16,7 @@ import signal
 import socket
 import struct
 
-from ipserve import messages
+from ipserve import messages, sdnotify
 from ipserve.master import policy
 from ipserve.master.events import Event
 from ipserve.master.registry import WorkerRecord, WorkerState
@@ -76,6 +76,7 @@ def activate(master, record: WorkerRecord) -> None:
             s.holder is not None and s.holder.state is WorkerState.ACTIVE for s in master.slots):
         master.serving_since = now
         master.log.info("every slot is served (%.2fs after start)", now - master.started)
+        master.notify(sdnotify.Event.READY)
 
 
 def retire(master, record: WorkerRecord) -> None:

@@ -20,6 +20,7 @@ import select
 import signal
 import socket
 import time
+from collections.abc import Callable
 
 import psutil
 
@@ -71,9 +72,11 @@ def ask_handover(socket_path: str, deadline: float) -> tuple[dict, list[int]] | 
 
 
 def acquire(lock: InstanceLock, takeover_lock: InstanceLock, socket_path: str, name: str,
-            log) -> Previous:
+            log, claim_main_pid: Callable[[], None] = lambda: None) -> Previous:
     """Hold the instance lock, taking over from its holder if need be.
-    Raises UsageError when another master keeps the name."""
+    Raises UsageError when another master keeps the name. `claim_main_pid`
+    runs just before a silent holder is killed (see sdnotify: systemd must
+    follow us before it sees its main process die)."""
     if lock.try_acquire():
         return Previous(None, [])
     if not takeover_lock.try_acquire():
@@ -102,6 +105,7 @@ def acquire(lock: InstanceLock, takeover_lock: InstanceLock, socket_path: str, n
                              f"answering on {socket_path}; if it is stuck, stop it first")
         log.warning("master pid %d did not answer within %.0fs: killing it (its workers keep "
                     "serving)", holder, HANDOVER_TIMEOUT)
+        claim_main_pid()
         try:
             fd = os.pidfd_open(holder)
             try:
