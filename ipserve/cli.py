@@ -12,25 +12,81 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import ipserve
 from ipserve import config, users
+from ipserve.app import CHECK_REPORT
 from ipserve.errors import USAGE_ERROR, ArgumentParser, UsageError
 
-from ipserve.app import CHECK_REPORT
+# What each signal tells the master (ipserve/master/loop.py acts on them):
+# the epilog of --help, and the README's Signals table says the same.
+SIGNALS: tuple[tuple[str, str], ...] = (
+    ("TERM", ("graceful stop: rules removed, workers finish what they hold for up to "
+              "graceful_timeout, WebSockets still open then get a 1001 close; exit 0")),
+    ("INT", "quick stop"),
+    ("QUIT", "quick stop"),
+    ("HUP", ("reload: config re-read; a new generation takes every slot at once when all "
+             "its workers are ready, or none if any fails")),
+    ("USR1", "retiring workers close their connections (WebSockets with code 1001) and exit"),
+    ("USR2", "reopen log files"),
+    ("TTIN", "double the workers, through a new generation"),
+    ("TTOU", "halve the workers, through a new generation"),
+)
+
+
+def signals_epilog() -> str:
+    lines = ["signals to the master:"]
+    for name, does in SIGNALS:
+        lines += textwrap.wrap(does, 79, initial_indent=f"  {name:<6}",
+                               subsequent_indent=" " * 8)
+    return "\n".join(lines)
+
+
+def default_text(s: config.Setting) -> str:
+    """A setting's default as --help shows it, in the form the option takes."""
+    value = s.default
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return " ".join(value)
+    if isinstance(value, float):
+        return f"{value:g}s"
+    if isinstance(value, int) and s.metavar == "SIZE" and value and value % 1024**2 == 0:
+        return f"{value // 1024**2}MiB"
+    return str(value)
+
+
+def help_with_default(help_text: str, s: config.Setting) -> str:
+    """The option's help with "Default: ..." before its [IPSERVE_X], unless
+    the setting's doc already says what its default is."""
+    if "default" in s.doc.lower():
+        return help_text
+    default = f"Default: {default_text(s)}.".replace("%", "%%")
+    env = f" [{s.env}]"
+    if help_text.endswith(env):
+        return f"{help_text[:-len(env)]} {default}{env}"
+    return f"{help_text} {default}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="ipserve",
-        description="Pre-fork gevent WSGI server that pins every client to one worker "
+        # Raw, so that the epilog keeps one line per signal.
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pre-fork gevent WSGI server that pins every client to one worker\n"
                     "by the low bits of its IP address.",
-        epilog="Signals to the master: TERM graceful stop, INT/QUIT quick stop, HUP reload, "
-               "USR1 close retiring workers, USR2 reopen logs, TTIN/TTOU double/halve workers.")
-    parser.add_argument("--version", action="version", version=f"ipserve {ipserve.__version__}")
+        epilog=signals_epilog())
+    parser.add_argument("--version", action="version", version=f"ipserve {ipserve.version()}")
     parser.add_argument("--check-config", action="store_true",
                         help="Validate the settings (and import APP if given), then exit.")
     config.add_arguments(parser)
+    for action in parser._actions:
+        setting = config.BY_NAME.get(action.dest)
+        if setting is not None and setting.name != "app" and action.help:
+            action.help = help_with_default(action.help, setting)
     return parser
 
 
@@ -57,7 +113,7 @@ def check_app(cfg: config.Config) -> int | None:
         identity = {"user": cfg.user, "group": cfg.group or users.primary_group(cfg.user),
                     "extra_groups": []}
     try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=cfg.boot_timeout,
+        result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=cfg.boot_timeout,
                                 stdin=subprocess.DEVNULL, **identity)
     except subprocess.TimeoutExpired:
         raise UsageError(f"importing APP {cfg.app!r} took longer than boot_timeout "

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import re
 import tomllib
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ipserve import accesslog, names
 
@@ -476,10 +477,25 @@ class Config:
 
 # ---------------------------------------------------------------- layering
 
+def suggest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate `word` was most likely meant to be (a typo, a missing
+    letter, the only name it begins), or None when none is close: every place
+    a setting is named (option, file key, environment variable) offers it the
+    same way."""
+    names = list(candidates)
+    extending = [name for name in names if name.startswith(word)]
+    if len(word) >= 4 and len(extending) == 1:   # `--graceful`: an abbreviation
+        return extending[0]
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 def _apply(values: dict, sources: dict, key: str, raw: Any, source: str) -> None:
     setting = BY_NAME.get(key)
     if setting is None:
-        raise ConfigError(f"unknown setting {key!r} ({source})")
+        close = suggest(key, BY_NAME)
+        hint = f"; did you mean {close!r}?" if close else ""
+        raise ConfigError(f"unknown setting {key!r} ({source}){hint}")
     try:
         values[key] = setting.parse(raw)
     except ValueError as exc:
@@ -525,7 +541,9 @@ def resolve(cli: dict[str, Any], environ: dict[str, str] | None = None) -> Confi
             continue
         key = var[len(ENV_PREFIX):].lower()
         if key not in BY_NAME:
-            raise ConfigError(f"unknown setting in environment variable {var}")
+            close = suggest(key, [*BY_NAME, "config"])
+            hint = f"; did you mean {ENV_PREFIX}{close.upper()}?" if close else ""
+            raise ConfigError(f"unknown setting in environment variable {var}{hint}")
         _apply(values, sources, key, raw, f"from environment {var}")
 
     for key, raw in cli.items():

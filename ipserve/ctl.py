@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+import ipserve
 from ipserve import config, control, names, orphans, runtime, status, top
 from ipserve.errors import USAGE_ERROR, ArgumentParser, UsageError
 
@@ -24,6 +26,7 @@ class Failed(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="ipservectl", description="Control a running ipserve.")
+    parser.add_argument("--version", action="version", version=f"ipserve {ipserve.version()}")
     parser.add_argument("-n", "--name", default="ipserve-8000",
                         help="Instance name (ipserve's -n/--name). Default: ipserve-8000.")
     parser.add_argument("--runtime-dir", default=None,
@@ -57,6 +60,25 @@ def ask(path: str, name: str, command: str, timeout: float) -> dict:
     if reply.get("ok") is False:
         raise Failed(f"{name}: {reply.get('error') or 'refused'}")
     return reply
+
+
+ROOT_RUNTIME_DIR = "/run/ipserve"
+USER_RUNTIME_DIR = "$XDG_RUNTIME_DIR/ipserve or /tmp/ipserve-<uid>"
+
+
+def where_we_looked(runtime_dir: str, name: str, given: bool, uid: int) -> str:
+    """What to add to "no master is listening": where ipservectl looked, and
+    where a master started by another user, or with --runtime-dir, listens."""
+    if given:
+        return f"is a master running with -n {name} --runtime-dir {runtime_dir}?"
+    if uid == 0:
+        whose, elsewhere = "root's", f"by a user listens in its {USER_RUNTIME_DIR}"
+    else:
+        whose = f"uid {uid}'s"
+        elsewhere = (f"by root listens in {ROOT_RUNTIME_DIR}, by another user in its "
+                     f"{USER_RUNTIME_DIR}")
+    return (f"{runtime_dir} is {whose} default runtime directory; a master started {elsewhere}, "
+            f"with --runtime-dir DIR in DIR: give ipservectl the same --runtime-dir (and -n)")
 
 
 def clean_up(runtime_dir: str, name: str, binds: list[str] | None, all_backends: bool) -> str:
@@ -97,7 +119,8 @@ def run(argv: list[str] | None) -> int:
         reply = ask(path, name, command, args.timeout)
     except control.NoMaster as exc:
         if args.command != "stop":
-            raise Failed(f"{name}: {exc}") from None
+            hint = where_we_looked(runtime_dir, name, args.runtime_dir is not None, os.geteuid())
+            raise Failed(f"{name}: {exc}; {hint}") from None
         print(clean_up(runtime_dir, name, None, all_backends=False) + " (no master was running)")
         return 0
     except control.ControlUnavailable as exc:   # permission denied, a timeout on connect
