@@ -68,7 +68,12 @@ BASE_COLUMNS = ("pid", "slot", "gen", "port", "state", "rss", "conns", "requests
                 "nice", "age_s", "retired_s")
 # Columns a newer master adds; shown only when its workers carry them, after
 # the column they belong next to.
-OPTIONAL_COLUMNS = {"ws": ("websockets", "conns"), "req/s": ("requests_per_s", "requests")}
+OPTIONAL_COLUMNS = {"ws": ("websockets", "conns"), "req/s": ("requests_per_s", "requests"),
+                    "beat_s": ("heartbeat_age_s", "lag_ms")}
+# Workers count, the master shows their last heartbeat: a newcomer seeing
+# "requests 0" right after ten requests should read why, next to the table.
+HEARTBEAT_NOTE = ("conns, ws, requests, req/s, lag_ms: as each worker reported them in its "
+                  "last heartbeat, beat_s seconds ago (workers send one a second)")
 
 
 def table_columns(workers: list[dict]) -> tuple[str, ...]:
@@ -88,7 +93,8 @@ def worker_cells(w: dict) -> dict[str, str]:
             "state": str(w.get("state", MISSING)), "rss": size(w.get("rss")),
             "conns": number(w.get("connections")), "ws": number(w.get("websockets")),
             "requests": number(w.get("requests")), "req/s": number(w.get("requests_per_s"), ".1f"),
-            "lag_ms": number(w.get("lag_ms"), ".1f"), "nice": number(w.get("nice")),
+            "lag_ms": number(w.get("lag_ms"), ".1f"), "beat_s": number(w.get("heartbeat_age_s"), ".1f"),
+            "nice": number(w.get("nice")),
             "age_s": number(w.get("age_s"), ".0f"),
             "retired_s": MISSING if retired is None else number(retired, ".0f")}
 
@@ -123,6 +129,8 @@ def render_table(status: dict) -> str:
             lines.append(f"slot {sock['slot']} socket: fd {sock['fd']} {sock['address']}")
     workers = status.get("workers") or []
     columns = table_columns(workers)
+    if "beat_s" in columns:
+        lines.append(HEARTBEAT_NOTE)
     rows = [columns]
     for w in workers:
         cells = worker_cells(w)

@@ -130,6 +130,8 @@ class WorkerRecord:
                 "nice": self.nice, "adopted": self.adopted, "replacing": self.replacing,
                 "connected": self.conn is not None, "boot_error": self.boot_error,
                 "age_s": round(now - self.spawned_at, 1),
+                # The counts above are as of its last heartbeat (one a second): say when.
+                "heartbeat_age_s": round(max(0.0, now - self.last_seen), 1),
                 "retired_for_s": None if self.retired_at is None else round(now - self.retired_at, 1),
                 "requests_per_s": round(self.requests_per_s, 2),
                 "connections_at_retire": self.connections_at_retire,

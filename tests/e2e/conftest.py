@@ -6,11 +6,19 @@
                  the `testbed` server namespace with its own -n name and
                  --runtime-dir; masters and workers are killed at teardown, and
                  a failing test's report carries the tail of every ipserve log.
+  loopback       a netns.LoopbackBed: no namespace, no privilege (127.0.0.x sources)
+  loopback_ipserve  the `ipserve` factory for a LoopbackBed: ipserve runs in this
+                 process's own namespace; needs no root (reuseport router only)
+
+Without root, every test that needs it is skipped with one reason, NEEDS_ROOT;
+and the short summary (-ra) prints one line per skip reason, not one per test
+function (pytest_terminal_summary below; it folds every skip of the run).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -22,7 +30,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import netns  # noqa: E402
 from netns import IpserveProcess, Testbed  # noqa: E402
 
-NEEDS_ROOT = "needs root to create network namespaces"
+NEEDS_ROOT = "needs root to create network namespaces and kernel rules (sudo ./run tests)"
+# Other modules say the same in words of their own ("creates network
+# namespaces: needs root", ...): their skips are reported as NEEDS_ROOT too
+# (see pytest_runtest_makereport). Better, they import it: `from conftest
+# import NEEDS_ROOT`.
+SAYS_NEEDS_ROOT = re.compile(r"\bneeds root\b")
 
 _ipserve_key = pytest.StashKey[list]()
 
@@ -93,6 +106,27 @@ def ipserve(request, testbed, tmp_path):
     netns.start_ipserve. Logs go to tmp_path/ipserve-<name>.log (kept by pytest).
     At teardown every master and every worker ever seen is killed, then
     anything else left in the server namespaces."""
+    yield from _ipserve_factory(request, testbed, tmp_path)
+
+
+@pytest.fixture
+def loopback():
+    bed = netns.LoopbackBed()
+    try:
+        yield bed
+    finally:
+        bed.close()
+
+
+@pytest.fixture
+def loopback_ipserve(request, loopback, tmp_path):
+    """The `ipserve` factory on a LoopbackBed: no namespace, no root. Masters
+    and every worker seen in a status are stopped by pidfd at teardown; nothing
+    else is touched (the namespace is everybody's)."""
+    yield from _ipserve_factory(request, loopback, tmp_path)
+
+
+def _ipserve_factory(request, default_testbed, tmp_path):
     procs: list[IpserveProcess] = []
     request.node.stash[_ipserve_key] = procs
 
@@ -111,7 +145,6 @@ def ipserve(request, testbed, tmp_path):
         procs.append(proc)
         return proc
 
-    default_testbed = testbed
     try:
         yield start
     finally:
@@ -122,7 +155,7 @@ def ipserve(request, testbed, tmp_path):
             except Exception as exc:        # noqa: BLE001
                 errors.append(exc)
         # Anything the masters started that never showed up in a status.
-        for ns in dict.fromkeys(p.ns for p in procs):
+        for ns in dict.fromkeys(p.ns for p in procs if p.ns is not None):
             try:
                 netns.kill_ns_processes(ns, grace=0.5)
             except Exception as exc:        # noqa: BLE001
@@ -131,9 +164,50 @@ def ipserve(request, testbed, tmp_path):
             raise errors[0]
 
 
+def root_skip_in_one_wording(longrepr, euid: int):
+    """The (path, line, reason) a skip is reported with: a skip for want of
+    root, in whatever words, says NEEDS_ROOT (at its own test's location)."""
+    if euid == 0 or not (isinstance(longrepr, tuple) and len(longrepr) == 3):
+        return longrepr
+    if not SAYS_NEEDS_ROOT.search(str(longrepr[2])):
+        return longrepr
+    return (longrepr[0], longrepr[1], f"Skipped: {NEEDS_ROOT}")
+
+
+def one_place_per_reason(longreprs: list[tuple]) -> list[tuple]:
+    """Skips' (path, line, reason), each moved to the one place shared by every
+    skip with its reason: its own if it is alone; else the file (no line) if
+    they share one; else their common directory. pytest's short summary (-ra)
+    folds skips by (path, line, reason), so it then prints one line per reason:
+    "SKIPPED [468] tests/e2e: needs root ...", not one per test function."""
+    places: dict[str, set[tuple[str, int | None]]] = {}
+    for path, line, reason in longreprs:
+        places.setdefault(reason, set()).add((os.path.abspath(path), line))
+    shared: dict[str, tuple[str, int | None]] = {}
+    for reason, where in places.items():
+        files = sorted({path for path, _ in where})
+        if len(where) == 1:
+            shared[reason] = next(iter(where))
+        elif len(files) == 1:
+            shared[reason] = (files[0], None)
+        else:
+            shared[reason] = (os.path.commonpath(files), None)
+    return [(*shared[reason], reason) for _, _, reason in longreprs]
+
+
+def pytest_terminal_summary(terminalreporter):
+    # Runs before pytest's own short summary (its hook wraps this one).
+    skipped = [report for report in terminalreporter.stats.get("skipped", [])
+               if isinstance(report.longrepr, tuple) and len(report.longrepr) == 3]
+    for report, longrepr in zip(skipped, one_place_per_reason([r.longrepr for r in skipped])):
+        report.longrepr = longrepr
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
+    if report.skipped:
+        report.longrepr = root_skip_in_one_wording(report.longrepr, os.geteuid())
     if report.failed:
         for proc in item.stash.get(_ipserve_key, []):
             state = ("running" if proc.running() else f"exit code {proc.returncode}")

@@ -186,8 +186,10 @@ def ns_pids(ns: str) -> list[int]:
     return sorted(pids)
 
 
-def pid_in_ns(pid: int, ns: str) -> bool:
-    ident = _ns_id(ns_path(ns))
+def pid_in_ns(pid: int, ns: str | None) -> bool:
+    """Whether `pid` lives in namespace `ns` (None: this process's own, as for
+    a LoopbackBed's ipserve)."""
+    ident = _ns_id("/proc/self/ns/net" if ns is None else ns_path(ns))
     return ident is not None and _ns_id(f"/proc/{pid}/ns/net") == ident
 
 
@@ -866,6 +868,47 @@ def _close_live_testbeds() -> None:
             tb.close()
 
 
+LOOPBACK_SERVER = "127.0.0.1"
+LOOPBACK_SOURCES = [f"127.0.0.{16 + i}" for i in range(N_CLIENT_ADDRS)]   # low 4 bits 0..15
+
+
+class LoopbackBed:
+    """A Testbed stand-in that needs no privilege: no namespace at all.
+
+    ipserve runs in the caller's own network namespace on 127.0.0.1, and
+    clients connect from LOOPBACK_SOURCES: the whole of 127.0.0.0/8 is local
+    on `lo`, so any user may bind a socket to any of them, and they pin to
+    slots exactly as 198.18.k.16..31 do in a Testbed. Only what writes no
+    kernel rule can be tested so (the reuseport router). close() removes the
+    paths given to add_path(); processes are stopped by IpserveProcess.cleanup(),
+    by pidfd, never by namespace.
+    """
+
+    __test__ = False
+    server_ns = None
+    server_ip = LOOPBACK_SERVER
+    client_ns = None
+    client_ips = LOOPBACK_SOURCES
+
+    def __init__(self) -> None:
+        self._paths: list[str] = []
+        self.closed = False
+
+    def add_path(self, path: str) -> None:
+        self._paths.append(path)
+
+    def close(self) -> None:
+        for path in self._paths:
+            shutil.rmtree(path, ignore_errors=True)
+        self.closed = True
+
+    def __enter__(self) -> LoopbackBed:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # --------------------------------------------------------------------------- #
 # ipserve processes
 # --------------------------------------------------------------------------- #
@@ -902,12 +945,16 @@ def _primary_gid(uid: int) -> int:
         return uid
 
 
-def setpriv_argv(uid: int | None) -> list[str]:
+def setpriv_argv(uid: int | None, ambient_caps: Sequence[str] = ()) -> list[str]:
     """A command prefix that runs as `uid` (its primary group, no supplementary
-    groups, no capabilities); [] for None. setpriv execs: the pid is kept."""
+    groups, no capabilities); [] for None. setpriv execs: the pid is kept.
+    `ambient_caps` (e.g. ("net_admin",)) are kept as ambient capabilities, as
+    systemd's AmbientCapabilities= grants them to a unit's unprivileged User=."""
     if uid is None:
         return []
-    return [SETPRIV, f"--reuid={uid}", f"--regid={_primary_gid(uid)}", "--clear-groups"]
+    caps = ",".join(f"+{cap}" for cap in ambient_caps)
+    keep = [f"--inh-caps={caps}", f"--ambient-caps={caps}"] if ambient_caps else []
+    return [SETPRIV, f"--reuid={uid}", f"--regid={_primary_gid(uid)}", "--clear-groups", *keep]
 
 
 def _has_opt(args: Sequence[str], *flags: str) -> bool:
@@ -949,7 +996,8 @@ class IpserveProcess:
                  name: str | None = None, runtime_dir: str | None = None,
                  log_path: str | None = None, cwd: str | None = None,
                  pythonpath: Sequence[str] = (), server_module: str | None = None,
-                 ctl_module: str | None = None, run_as: int | None = None):
+                 ctl_module: str | None = None, run_as: int | None = None,
+                 ambient_caps: Sequence[str] = ()):
         self.testbed = testbed
         self.ns = testbed.server_ns
         args = [str(a) for a in args]
@@ -985,7 +1033,8 @@ class IpserveProcess:
             os.chmod(self.workdir, 0o755)
             if not given_rt:
                 os.chown(self.runtime_dir, run_as, gid)
-        self.argv = [*setpriv_argv(run_as), sys.executable, "-m", self.server_module, *self.args]
+        self.argv = [*setpriv_argv(run_as, ambient_caps), sys.executable, "-m", self.server_module,
+                     *self.args]
         self._log.write(f"# ip netns exec {self.ns} {' '.join(self.argv)}\n".encode())
         self._log.flush()
         try:
@@ -1230,6 +1279,7 @@ def start_ipserve(testbed: Testbed, args: Sequence[str], env: dict | None = None
     (None removes a key; inherited IPSERVE_* are always dropped). Keyword
     arguments: name, runtime_dir, log_path, cwd, pythonpath, server_module,
     ctl_module, run_as (a uid: run the master under setpriv as that user,
-    without capabilities; its private runtime directory is chowned to it).
+    without capabilities; its private runtime directory is chowned to it),
+    ambient_caps (with run_as: capabilities it keeps as ambient ones).
     """
     return IpserveProcess(testbed, args, env, **kwargs)

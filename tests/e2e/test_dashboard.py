@@ -27,6 +27,7 @@ import json
 import os
 import secrets
 import signal
+import tempfile
 import threading
 import time
 
@@ -47,6 +48,20 @@ REQUESTS = {0: 1200, 1: 300, 2: 300, 3: 300}
 PAGE_PATH = os.path.join(netns.REPO_ROOT, "ipserve", "dashboard.html")
 LEAKY_APP = os.path.join(netns.REPO_ROOT, "tests", "apps", "leaky.py") + ":application"
 ARTIFACTS = os.path.join(netns.REPO_ROOT, "tests", "artifacts")
+
+
+def artifact(name: str) -> str:
+    """Where a screenshot goes: tests/artifacts/ (IPSERVE_TEST_ARTIFACTS to
+    choose), or a temporary directory when the checkout is not ours to write."""
+    directory = os.environ.get("IPSERVE_TEST_ARTIFACTS", ARTIFACTS)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(directory)
+    except OSError:
+        directory = os.path.join(tempfile.gettempdir(), f"ipserve-test-artifacts-{os.geteuid()}")
+        os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, name)
 WAIT = 30                            # generous bound for the page to catch up with the master
 MIB = 1 << 20
 
@@ -279,7 +294,7 @@ def test_every_section_renders_a_full_status(stand_in, browser):
     assert significant == [[401, "true"], [300, "false"]]                  # newest first
     assert browser.evaluate("document.getElementById('updated').dataset.state") == "ok"
     assert_no_page_errors(browser)
-    browser.screenshot(os.path.join(ARTIFACTS, "dashboard-sample.png"))
+    browser.screenshot(artifact("dashboard-sample.png"))
 
 
 def test_an_older_master_and_garbage_show_dashes(stand_in, browser):
@@ -537,7 +552,7 @@ def test_dashboard_follows_a_reload(testbed, real_ipserve):
                 if any(r.get("mode") == "types" for r in reports):
                     assert "LeakyThing" in browser.evaluate(
                         "document.getElementById('leaks').innerText")
-            browser.screenshot(os.path.join(ARTIFACTS, "dashboard-reload.png"))
+            browser.screenshot(artifact("dashboard-reload.png"))
             assert_same_document(browser)
             assert_no_page_errors(browser)
             if not leak_reports_built():

@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from conftest import NEEDS_ROOT
 
 import netns
 from netns import (HttpClient, IpserveError, Testbed, call_in, http_get, http_json,
@@ -317,7 +318,7 @@ STUBBORN = textwrap.dedent("""
 
 def test_close_kills_everything_and_is_idempotent():
     if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces")
+        pytest.skip(NEEDS_ROOT)
     tb = Testbed(n_clients=2)
     record = os.path.join(netns.REGISTRY_DIR, f"{tb.tag}.json")
     assert os.path.exists(record)
@@ -347,7 +348,7 @@ def test_close_kills_everything_and_is_idempotent():
 
 def test_testbed_context_manager_cleans_up_on_error():
     if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces")
+        pytest.skip(NEEDS_ROOT)
     with pytest.raises(RuntimeError):
         with Testbed() as tb:
             netns.run_in(tb.server_ns, ["sleep", "600"])
@@ -365,7 +366,7 @@ def test_tag_collision_never_touches_the_other_testbed(testbed):
 
 def test_sweep_stale_after_sigkill():
     if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces")
+        pytest.skip(NEEDS_ROOT)
     script = textwrap.dedent(f"""
         import sys, subprocess, time
         sys.path.insert(0, {E2E_DIR!r})
@@ -421,7 +422,7 @@ INNER_TEST = textwrap.dedent("""
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_pytest_run_cleans_up(tmp_path, sig):
     if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces")
+        pytest.skip(NEEDS_ROOT)
     marker = tmp_path / "marker"
     test_file = tmp_path / "test_inner.py"
     (tmp_path / "conftest.py").write_text(
@@ -647,7 +648,7 @@ INNER_FAILING_TEST = textwrap.dedent("""
 
 def test_failure_report_carries_ipserve_log(tmp_path):
     if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces")
+        pytest.skip(NEEDS_ROOT)
     _write_fakes(tmp_path)
     marker = tmp_path / "marker"
     inner = tmp_path / "inner"

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pytest
+from conftest import NEEDS_ROOT
 
 import netns
 from backends import routed_workers, which
@@ -60,7 +61,7 @@ pytestmark = pytest.mark.skipif(not which("nft"), reason="nft is not installed")
 
 def _require_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces")
+        pytest.skip(NEEDS_ROOT)
 
 
 def wait_routed(srv, workers: int = 1, timeout: float = 30) -> dict[int, dict]:

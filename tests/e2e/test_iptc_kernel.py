@@ -25,6 +25,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import NEEDS_ROOT
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IP = shutil.which("ip") or "/usr/sbin/ip"
@@ -33,7 +34,7 @@ SBIN = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 
 def _missing() -> str | None:
     if os.geteuid() != 0:
-        return "needs root (network namespaces and CAP_NET_ADMIN)"
+        return NEEDS_ROOT
     if importlib.util.find_spec("iptc") is None:
         return "python-iptables is not installed (pip install 'ipserve[iptc]')"
     for tool in ("ip", "iptables-legacy", "ip6tables-legacy"):

@@ -31,6 +31,7 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
+from conftest import NEEDS_ROOT
 
 import netns
 
@@ -83,7 +84,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces")
+        pytest.skip(NEEDS_ROOT)
     log = tmp_path_factory.mktemp("pep3333") / "ipserve.log"
     tb = netns.Testbed()
     try:

@@ -23,6 +23,7 @@ import tempfile
 import textwrap
 
 import pytest
+from conftest import NEEDS_ROOT
 
 from ipserve.config import parse_bind
 from ipserve.routing import RouterUnavailable
@@ -40,7 +41,7 @@ V6_SERVER = "fd00:5e::1"
 V6_SOURCES = [f"fd00:5e::{i:x}" for i in range(16, 32)]
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="creates network namespaces: needs root"),
+    pytest.mark.skipif(os.geteuid() != 0, reason=NEEDS_ROOT),
     pytest.mark.skipif(not os.path.exists(IP), reason="needs iproute2 (ip)"),
 ]
 

@@ -36,6 +36,7 @@ import time
 import multihost
 import netns
 import pytest
+from conftest import NEEDS_ROOT
 from backends import backend_unavailable, routed_workers, slot_of
 from multihost import PORT, VIP, jhash_bucket
 from netns import Bg, HttpClient, ws_connect
@@ -102,7 +103,7 @@ def wait_routed(srv, generation: int | None = None) -> dict[int, dict]:
 
 def make_cluster(n_hosts: int = 2) -> Cluster:
     if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces")
+        pytest.skip(NEEDS_ROOT)
     bed = multihost.ScaleOutBed(n_hosts=n_hosts)
     try:
         bed.wait_paths()

@@ -50,6 +50,44 @@ def test_table_of_a_worker_missing_fields_shows_dashes():
     assert row == ["11", "0", "1", "-", "booting", "-", "-", "-", "-", "-", "-", "-"]
 
 
+def test_table_says_how_old_the_heartbeat_counts_are():
+    """Requests, connections and lag are what each worker said in its last
+    heartbeat: the table says how long ago, per worker, and what that means."""
+    status = {"name": "web", "router": "reuseport", "bind": ["127.0.0.1:8000"],
+              "master": {"pid": 1, "generation": 1},
+              "workers": [{"pid": 11, "slot": 0, "generation": 1, "port": 8000, "state": "active",
+                           "rss": 1 << 20, "connections": 0, "requests": 10, "lag_ms": 0.5,
+                           "nice": 0, "age_s": 60.0, "retired_for_s": None,
+                           "heartbeat_age_s": 0.43},
+                          {"pid": 12, "slot": 1, "generation": 1, "port": 8000, "state": "booting",
+                           "heartbeat_age_s": 12}]}
+    lines = render_table(status).splitlines()
+    note, header, first, second = lines[-4:]
+    assert note.startswith("conns, ws, requests, req/s, lag_ms: as each worker reported them in "
+                           "its last heartbeat, beat_s seconds ago")
+    assert header.split() == ["pid", "slot", "gen", "port", "state", "rss", "conns", "requests",
+                              "lag_ms", "beat_s", "nice", "age_s", "retired_s"]
+    assert first.split() == ["11", "0", "1", "8000", "active", "1.0MiB", "0", "10", "0.5", "0.4",
+                             "0", "60", "-"]
+    assert second.split()[header.split().index("beat_s")] == "12.0"
+
+
+def test_table_of_an_older_master_has_no_heartbeat_column_nor_note():
+    status = {"name": "web", "router": "nft", "bind": [], "master": {"pid": 1, "generation": 1},
+              "workers": [{"pid": 11, "slot": 0, "generation": 1, "requests": 3}]}
+    text = render_table(status)
+    assert "beat_s" not in text and "heartbeat" not in text
+
+
+def test_worker_status_carries_its_heartbeat_age():
+    from ipserve.master.registry import WorkerRecord
+
+    record = WorkerRecord(pid=11, slot=0, generation=1, serial=1, process=None, start_time=0,
+                          spawned_at=100.0, last_seen=130.25, requests=10)
+    st = record.as_status(now=131.0)
+    assert (st["requests"], st["heartbeat_age_s"], st["age_s"]) == (10, 0.8, 31.0)
+
+
 def leak_report(**overrides):
     return {"pid": 21, "slot": 1, "generation": 2, "mode": "types", "at": 1_700_000_000.0,
             "lifetime_s": 3725.0, "requests": 1200, "significant": False, "growth": [],
@@ -121,3 +159,43 @@ def test_leaks_command_prints_the_table_or_the_list(master_says, capsys):
     assert json.loads(capsys.readouterr().out) == reports
     assert master_says({"name": "older master"}, "leaks") == 0
     assert capsys.readouterr().out == "no leak reports yet\n"
+
+
+# ---------------------------------------------------------------- no master
+
+@pytest.mark.parametrize("uid, looked_in, elsewhere", [
+    (0, "/run/ipserve is root's default runtime directory",
+     "a master started by a user listens in its $XDG_RUNTIME_DIR/ipserve or /tmp/ipserve-<uid>"),
+    (1000, "/tmp/ipserve-1000 is uid 1000's default runtime directory",
+     ("a master started by root listens in /run/ipserve, by another user in its "
+     "$XDG_RUNTIME_DIR/ipserve or /tmp/ipserve-<uid>")),
+])
+def test_no_master_says_where_it_looked_and_how_to_look_elsewhere(uid, looked_in, elsewhere):
+    runtime_dir = "/run/ipserve" if uid == 0 else "/tmp/ipserve-1000"
+    hint = ctl.where_we_looked(runtime_dir, "web", given=False, uid=uid)
+    assert hint.startswith(looked_in + "; ") and elsewhere in hint
+    assert hint.endswith("give ipservectl the same --runtime-dir (and -n)")
+
+
+def test_no_master_in_a_given_runtime_dir_names_both():
+    assert (ctl.where_we_looked("/srv/run", "web", given=True, uid=1000)
+            == "is a master running with -n web --runtime-dir /srv/run?")
+
+
+@pytest.mark.parametrize("command", ["status", "top", "leaks", "reload"])
+def test_ipservectl_with_no_master_prints_one_line_with_the_directory(
+        command, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(ctl.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(ctl.config.os, "geteuid", lambda: 1000)
+    with pytest.raises(SystemExit) as exit_:
+        ctl.main(["-n", "web", command])
+    out, err = capsys.readouterr()
+    assert (exit_.value.code, out) == (1, "")
+    runtime_dir = tmp_path / "ipserve"
+    assert err.splitlines() == [
+        (f"ipservectl: error: web: no master is listening on {runtime_dir}/web.sock (No such file "
+        f"or directory); {runtime_dir} is uid 1000's default runtime directory; a master started "
+        f"by root listens in /run/ipserve, by another user in its $XDG_RUNTIME_DIR/ipserve or "
+        f"/tmp/ipserve-<uid>, with --runtime-dir DIR in DIR: give ipservectl the same "
+        f"--runtime-dir (and -n)")]
