@@ -210,6 +210,48 @@ def secure_dir(path: str, *, create: bool = True, mode: int = 0o755,
     return real
 
 
+# -- files root reads for others ------------------------------------------------
+
+MAX_TRUSTED_FILE = 1 << 20      # a certificate chain or a key is a few KiB
+
+
+def read_trusted_file(path: str, what: str) -> bytes:
+    """The content of `path`, read by the master (root) to hand to a worker
+    (TLS certificates and keys): only root or this euid may have chosen what
+    is read. Symbolic links are followed (certbot's live/ names are links),
+    but every directory on the way must pass _lookup_dir, and the file must
+    be a regular file owned by root or us, not writable by group or others.
+    Otherwise whoever could change a directory on the path, the workers'
+    user included, could point it at /etc/shadow and read it in a worker."""
+    subject, other = f"{what} {_show(path)}", "check the path (the file and the directories to it must be root's)"
+    real = _resolve(path, subject, other)
+    try:
+        fd, st = _open_regular(real, os.O_RDONLY, 0, subject, other)
+    except FileNotFoundError:
+        raise UsageError(f"{subject} does not exist") from None
+    try:
+        if st.st_uid not in (0, os.geteuid()):
+            raise UsageError(f"{subject} is owned by uid {st.st_uid}, neither root nor uid "
+                             f"{os.geteuid()} (this process): refusing to read it for the workers")
+        if st.st_mode & 0o022:
+            raise UsageError(f"{subject} is writable by group or others (mode {_mode(st)}): "
+                             f"chmod go-w it")
+        if st.st_size > MAX_TRUSTED_FILE:
+            raise UsageError(f"{subject} is {st.st_size} bytes: not a certificate or key")
+        chunks, size = [], 0
+        while size <= MAX_TRUSTED_FILE:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise UsageError(f"{subject} cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 # -- log files ---------------------------------------------------------------
 
 def open_log(path: str, owner: tuple[int, int] | None = None) -> int:

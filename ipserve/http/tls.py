@@ -27,6 +27,9 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ipserve import runtime
+from ipserve.errors import UsageError
+
 ALPN = ["http/1.1"]
 # No TLS compression (CRIME), the server's cipher order, fresh ECDH keys, and
 # no client-initiated renegotiation (a cheap way to make a server do handshakes).
@@ -146,10 +149,9 @@ def read_files(settings: TlsSettings) -> dict[str, bytes]:
     contents = {}
     for setting, path in settings.files().items():
         try:
-            with open(path, "rb") as fh:
-                contents[setting] = fh.read()
-        except OSError as exc:
-            raise TlsError(f"{setting} {path}: {exc.strerror or exc}") from None
+            contents[setting] = runtime.read_trusted_file(path, setting)
+        except UsageError as exc:
+            raise TlsError(str(exc)) from None
     return contents
 
 

@@ -383,7 +383,7 @@ def test_bad_files_refused_at_start_in_one_line(testbed, ipserve, pki, site, cas
     expected = {"mismatched key": f"certfile {site}/cert.pem: the key (keyfile {site}/key.pem) "
                                   f"does not match the certificate",
                 "bad ciphers": "ssl_ciphers 'NO-SUCH-CIPHER'",
-                "missing key": f"keyfile {site}/key.pem: No such file or directory"}[case]
+                "missing key": f"keyfile {site}/key.pem does not exist"}[case]
     assert expected in lines[0], lines
     # Nothing started: no rules, no workers.
     assert not srv.seen_worker_pids

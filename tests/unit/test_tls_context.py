@@ -184,7 +184,51 @@ def test_check_loads_from_sealed_copies(pki):
 def test_read_files_names_an_unreadable_file(pki):
     with pytest.raises(TlsError) as info:
         tls.read_files(settings(pki, keyfile="absent.key"))
-    assert str(info.value) == f"keyfile {pki}/absent.key: No such file or directory"
+    assert str(info.value).startswith(f"keyfile {pki}/absent.key does not exist")
+
+
+# The master reads these files as root and hands their content to workers,
+# which run application code: nobody but root (or the master's uid) may
+# choose what is read.
+
+def test_a_certbot_style_symlink_under_root_only_directories_is_followed(pki, tmp_path):
+    live = tmp_path / "live"
+    live.mkdir(mode=0o755)
+    (live / "fullchain.pem").symlink_to(os.path.join(pki, "server.pem"))
+    contents = tls.read_files(settings(pki, certfile=str(live / "fullchain.pem")))
+    with open(os.path.join(pki, "server.pem"), "rb") as f:
+        assert contents["certfile"] == f.read()
+
+
+def test_a_symlink_in_a_directory_others_can_write_is_refused(pki, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)                      # not sticky: anyone may swap its entries
+    (shared / "cert.pem").symlink_to("/etc/shadow")
+    with pytest.raises(TlsError) as info:
+        tls.read_files(settings(pki, certfile=str(shared / "cert.pem")))
+    assert "writable by group or others" in str(info.value)
+
+
+def test_a_file_others_can_write_is_refused(pki, tmp_path):
+    cert = tmp_path / "cert.pem"
+    with open(os.path.join(pki, "server.pem"), "rb") as f:
+        cert.write_bytes(f.read())
+    os.chmod(cert, 0o666)
+    with pytest.raises(TlsError) as info:
+        tls.read_files(settings(pki, certfile=str(cert)))
+    assert "chmod go-w" in str(info.value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another uid")
+def test_a_file_of_another_user_is_refused(pki, tmp_path):
+    cert = tmp_path / "cert.pem"
+    with open(os.path.join(pki, "server.pem"), "rb") as f:
+        cert.write_bytes(f.read())
+    os.chown(cert, 65534, 65534)
+    with pytest.raises(TlsError) as info:
+        tls.read_files(settings(pki, certfile=str(cert)))
+    assert "owned by uid 65534" in str(info.value)
 
 
 def test_worker_context_loads_and_closes_the_passed_descriptors(pki):
