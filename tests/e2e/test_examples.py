@@ -29,7 +29,6 @@ import re
 import select
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -288,50 +287,22 @@ def test_flask_socketio_chat_example(testbed, ipserve):
 
 def chat_client_main(spec: dict) -> None:
     """The Socket.IO side, in the client namespace: every member connects FROM
-    its own address (the same hooks as test_frameworks.sio_client_main: a
-    requests adapter with source_address for polling, a websocket-client
-    subclass that binds its socket for WebSocket). Prints one JSON line after
+    its own address (sio_clients.bound_client). Prints one JSON line after
     the first chat, waits for "go" on stdin (the test reloads meanwhile), then
     prints the second."""
     import threading
-    from urllib.parse import urlsplit
 
-    import requests
     import socketio
-    import websocket
-    from requests.adapters import HTTPAdapter
+    from sio_clients import bound_client
 
     wait = spec["wait"]
     url = f"http://{spec['server']}:{spec['port']}"
-
-    class SourceAddressAdapter(HTTPAdapter):
-        def __init__(self, src: str, **kwargs):
-            self.src = src
-            super().__init__(**kwargs)
-
-        def init_poolmanager(self, *args, **kwargs):
-            kwargs["source_address"] = (self.src, 0)
-            super().init_poolmanager(*args, **kwargs)
-
-    def bound_websocket(src: str) -> type:
-        class BoundWebSocket(websocket.WebSocket):
-            def connect(self, url, **options):
-                if options.get("socket") is None:
-                    u = urlsplit(url)
-                    options["socket"] = socket.create_connection(
-                        (u.hostname, u.port), timeout=wait, source_address=(src, 0))
-                return super().connect(url, **options)
-        return BoundWebSocket
 
     heard: dict[str, list[dict]] = defaultdict(list)
     arrived = threading.Condition()
 
     def connect(m: dict) -> socketio.Client:
-        session = requests.Session()
-        session.trust_env = False
-        session.mount("http://", SourceAddressAdapter(m["src"]))
-        client = socketio.Client(reconnection=False, request_timeout=wait, http_session=session,
-                                 websocket_extra_options={"class_": bound_websocket(m["src"])})
+        client = bound_client(m["src"], wait)
 
         @client.on("said")
         def said(message):

@@ -514,63 +514,24 @@ def test_flask_socketio_chat_pinned(testbed, ipserve):
 def sio_client_main(spec: dict) -> dict:
     """The Socket.IO client side, run inside the client namespace (``ip netns
     exec``: the whole process, every thread python-socketio starts included).
-
-    Each member must connect FROM its own address of the namespace. No option
-    of python-socketio says so, but both libraries under it take a hook:
-
-      * long-polling goes through `requests`: the client is given a Session
-        (http_session=) whose adapter builds urllib3 pools with
-        source_address=(src, 0), so every polling connection binds to src;
-      * the WebSocket is made by websocket-client's create_connection(),
-        which takes `class_` (passed through websocket_extra_options=): a
-        WebSocket subclass whose connect() opens the TCP connection with
-        socket.create_connection(..., source_address=(src, 0)) and hands it
-        over as websocket-client's documented `socket=` option (a given
-        socket is used as is: no proxy from the environment either).
-
-    The server side checks that it worked: the app reports the REMOTE_ADDR of
-    every request. Reconnection is off: a member that loses its connection
-    shows up as an error, not as a silent second session.
+    Each member connects FROM its own address of the namespace
+    (sio_clients.bound_client); the app reports the REMOTE_ADDR of every
+    request, so the server side checks that it worked. Reconnection is off: a
+    member that loses its connection shows up as an error, not as a silent
+    second session.
     """
     import threading
-    from urllib.parse import urlsplit
 
-    import requests
     import socketio
-    import websocket
-    from requests.adapters import HTTPAdapter
+    from sio_clients import bound_client
 
     wait = spec["wait"]
-
-    class SourceAddressAdapter(HTTPAdapter):
-        def __init__(self, src: str, **kwargs):
-            self.src = src
-            super().__init__(**kwargs)
-
-        def init_poolmanager(self, *args, **kwargs):
-            kwargs["source_address"] = (self.src, 0)
-            super().init_poolmanager(*args, **kwargs)
-
-    def bound_websocket(src: str) -> type:
-        class BoundWebSocket(websocket.WebSocket):
-            def connect(self, url, **options):
-                if options.get("socket") is None:
-                    u = urlsplit(url)
-                    options["socket"] = socket.create_connection(
-                        (u.hostname, u.port), timeout=wait, source_address=(src, 0))
-                return super().connect(url, **options)
-        return BoundWebSocket
 
     heard: dict[str, list[dict]] = defaultdict(list)
     arrived = threading.Condition()
 
     def make_client(name: str, src: str) -> socketio.Client:
-        session = requests.Session()
-        session.trust_env = False          # no proxy from the environment: straight to the server
-        adapter = SourceAddressAdapter(src)
-        session.mount("http://", adapter)
-        client = socketio.Client(reconnection=False, request_timeout=wait, http_session=session,
-                                 websocket_extra_options={"class_": bound_websocket(src)})
+        client = bound_client(src, wait)
 
         @client.on("said")
         def said(message):
