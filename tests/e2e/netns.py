@@ -1283,3 +1283,20 @@ def start_ipserve(testbed: Testbed, args: Sequence[str], env: dict | None = None
     ambient_caps (with run_as: capabilities it keeps as ambient ones).
     """
     return IpserveProcess(testbed, args, env, **kwargs)
+
+
+# ---------------------------------------------------------------- processes
+
+CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapAmb")   # what a worker must hold none of
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/<pid>/status as a dict (Uid, CapEff, ...)."""
+    with open(f"/proc/{pid}/status") as fh:
+        return {k: v.strip() for k, _, v in (ln.partition(":") for ln in fh)}
+
+
+def capabilities(pid: int) -> dict[str, int]:
+    """The process's capability sets (CAP_SETS and CapBnd) as bit masks."""
+    fields = proc_status(pid)
+    return {k: int(fields[k], 16) for k in (*CAP_SETS, "CapBnd")}

@@ -24,13 +24,12 @@ import time
 import netns
 import pytest
 from backends import backend_unavailable, routed_workers, slot_of, which
-from netns import http_json
+from netns import CAP_SETS, capabilities, http_json, proc_status
 
 PORT = 8000
 WORKERS = 2
 NOBODY = 65534
 CAP_NET_ADMIN = 1 << 12
-CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapAmb")
 
 
 # --------------------------------------------------------------------------- #
@@ -149,16 +148,6 @@ def assert_pinned(testbed, table: dict[int, dict]) -> None:
         slot = slot_of(src, WORKERS)
         assert data["remote_addr"] == src, data
         assert data["pid"] == table[slot]["pid"] and data["worker"]["slot"] == slot, (src, data)
-
-
-def proc_status(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status") as fh:
-        return {k: v.strip() for k, _, v in (ln.partition(":") for ln in fh)}
-
-
-def capabilities(pid: int) -> dict[str, int]:
-    fields = proc_status(pid)
-    return {k: int(fields[k], 16) for k in (*CAP_SETS, "CapBnd")}
 
 
 def uids(pid: int) -> set[int]:

@@ -30,11 +30,11 @@ import pytest
 
 import netns
 from backends import routed_workers, slot_of, which
+from netns import CAP_SETS, capabilities, proc_status
 
 PORT = 8000
 NOBODY = 65534
 NOBODY_GID = netns._primary_gid(NOBODY)
-CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapAmb")
 CAP_NET_ADMIN = 1 << 12
 APPS_DIR = os.path.join(netns.REPO_ROOT, "tests", "apps")
 
@@ -352,16 +352,6 @@ def listening_pids(ns: str, port: int) -> set[int]:
 def assert_no_traceback(srv) -> None:
     text = srv.log_text()
     assert "Traceback" not in text, srv.log_tail(80)
-
-
-def proc_status(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status") as fh:
-        return {k: v.strip() for k, _, v in (ln.partition(":") for ln in fh)}
-
-
-def capabilities(pid: int) -> dict[str, int]:
-    fields = proc_status(pid)
-    return {k: int(fields[k], 16) for k in (*CAP_SETS, "CapBnd")}
 
 
 def assert_serving_unchanged(srv, testbed, table: dict[int, dict], workers: int = 2) -> None:
