@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -96,6 +97,115 @@ def run_main(main, removed: str = "namespaces and servers") -> None:
     except KeyboardInterrupt:
         print(f"\nbench: interrupted; {removed} removed", file=sys.stderr)
         sys.exit(130)
+
+
+def all_targets(tb: netns.Testbed) -> list[tuple]:
+    """(client namespace, source address) in the order connections use them:
+    namespace i % 4, address (i // 4) % 16."""
+    return [(c, c.ips[i]) for i in range(len(tb.clients[0].ips)) for c in tb.clients]
+
+
+class ChildPool:
+    """P forked client processes, driven by the parent over a socketpair each
+    (one JSON line per command and per reply). Process k gets targets[k::P].
+
+    `start(mine)` runs in the child and returns its handlers: op name ->
+    function(cmd) -> reply dict; an "exit" handler, if any, runs (without a
+    reply) when the pool closes. One process cannot hold every socket (the
+    open-files limit) nor use more than one core: hence the processes."""
+
+    def __init__(self, targets: list, processes: int, start, exit_within: float = 20.0):
+        self.exit_within = exit_within
+        self.kids: list[tuple[int, socket.socket, object]] = []
+        for k in range(processes):
+            mine = targets[k::processes]
+            parent_end, child_end = socket.socketpair()
+            pid = os.fork()
+            if pid == 0:                          # the child: never returns
+                code = 1
+                try:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    parent_end.close()
+                    for _, other, _ in self.kids:
+                        other.close()
+                    _serve_commands(child_end, start(mine))
+                    code = 0
+                except (KeyboardInterrupt, SystemExit, BrokenPipeError):
+                    pass                          # Ctrl-C reaches the whole group: the parent reports
+                except BaseException:             # noqa: BLE001
+                    import traceback
+                    traceback.print_exc()
+                finally:
+                    os._exit(code)                # no atexit: the testbed is the parent's
+            child_end.close()
+            self.kids.append((pid, parent_end, parent_end.makefile("rwb")))
+
+    def ask(self, cmds, tick=None, every: float = 5.0) -> list[dict]:
+        """Send cmds[k] to process k (one dict: to all); wait for every reply,
+        calling tick() every `every` seconds meanwhile."""
+        if isinstance(cmds, dict):
+            cmds = [cmds] * len(self.kids)
+        for (_, _, f), cmd in zip(self.kids, cmds):
+            f.write(json.dumps(cmd).encode() + b"\n")
+            f.flush()
+        replies: dict[int, dict] = {}
+        while len(replies) < len(self.kids):
+            waiting = [(k, sock) for k, (_, sock, _) in enumerate(self.kids) if k not in replies]
+            ready, _, _ = select.select([sock for _, sock in waiting], [], [], every)
+            if not ready and tick is not None:
+                tick()
+            for k, sock in waiting:
+                if sock in ready:
+                    line = self.kids[k][2].readline()
+                    if not line:
+                        raise RuntimeError(f"client process {self.kids[k][0]} died")
+                    replies[k] = json.loads(line)
+        return [replies[k] for k in range(len(self.kids))]
+
+    def close(self) -> None:
+        """Tell every process to exit; kill what is still there after exit_within."""
+        for _, _, f in self.kids:
+            try:
+                f.write(b'{"op": "exit"}\n')
+                f.flush()
+            except OSError:
+                pass
+        for pid, sock, f in self.kids:
+            deadline = time.monotonic() + self.exit_within
+            done = 0
+            while time.monotonic() < deadline:
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    break
+                time.sleep(0.05)
+            if not done:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            try:
+                f.close()
+                sock.close()
+            except OSError:
+                pass
+        self.kids = []
+
+
+def _serve_commands(ctl: socket.socket, handlers: dict) -> None:
+    """A ChildPool process: answer the parent's commands until "exit"."""
+    f = ctl.makefile("rwb")
+    for line in f:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "exit":
+            if "exit" in handlers:
+                handlers["exit"](cmd)
+            return
+        handler = handlers.get(op)
+        reply = handler(cmd) if handler is not None else {"error": f"unknown op {op}"}
+        f.write(json.dumps(reply).encode() + b"\n")
+        f.flush()
 
 
 def source_address(c: netns.ClientNs) -> str:

@@ -45,7 +45,6 @@ import base64
 import collections
 import errno
 import hashlib
-import json
 import os
 import random
 import select
@@ -163,12 +162,6 @@ def ws_frame(text: bytes) -> bytes:
     return bytes([0x81, 0x80 | len(text)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(text))
 
 
-def all_targets(tb: netns.Testbed) -> list[tuple]:
-    """(client namespace, source address) in the order connections use them:
-    namespace i % 4, address (i // 4) % 16."""
-    return [(c, c.ips[i]) for i in range(len(tb.clients[0].ips)) for c in tb.clients]
-
-
 class Client:
     def __init__(self, tb: netns.Testbed, port: int, kind: str, workers: int,
                  concurrency: int, open_timeout: float, targets: list | None = None):
@@ -183,7 +176,7 @@ class Client:
         self.path = {"ws": "/ws", "keepalive": "/", "poll": "/poll"}[kind]
         # Connection i leaves from client namespace i % 4, address (i // 4) % 16:
         # every namespace and address alike, so every slot gets N / workers.
-        self.targets = targets or all_targets(tb)
+        self.targets = targets or common.all_targets(tb)
 
     def request(self, dst: str) -> bytes:
         head = f"GET {self.path} HTTP/1.1\r\nHost: {dst}:{self.port}\r\n"
@@ -413,107 +406,31 @@ class Client:
 # over a socketpair (one JSON line per command and reply).
 # --------------------------------------------------------------------------- #
 
-def _shard_main(ctl: socket.socket, client: Client) -> None:
-    f = ctl.makefile("rwb")
-    for line in f:
-        cmd = json.loads(line)
-        op = cmd["op"]
-        if op == "open":
-            took = client.open(cmd["count"])
-            reply = {"opened": len(client.idle), "errors": dict(client.errors),
-                     "seconds": took, "started_at": client.started_at}
-        elif op == "still_open":
-            reply = client.still_open()
-        elif op == "round_trips":
-            conns = client.idle if cmd["k"] is None else random.Random(cmd["seed"]).sample(
-                client.idle, min(cmd["k"], len(client.idle)))
-            reply = {"trips": client.round_trips(conns, send=cmd["send"], deadline=cmd["deadline"]),
-                     "sample": len(conns), "errors": dict(client.errors)}
-        elif op == "close":
-            client.close_all()
-            reply = {}
-        else:
-            reply = {"error": f"unknown op {op}"}
-        f.write(json.dumps(reply).encode() + b"\n")
-        f.flush()
-        if op == "close":
-            return
+def shard_handlers(client: Client) -> dict:
+    """What one client process answers (common.ChildPool runs it)."""
+    def open_(cmd):
+        took = client.open(cmd["count"])
+        return {"opened": len(client.idle), "errors": dict(client.errors),
+                "seconds": took, "started_at": client.started_at}
+
+    def round_trips(cmd):
+        conns = client.idle if cmd["k"] is None else random.Random(cmd["seed"]).sample(
+            client.idle, min(cmd["k"], len(client.idle)))
+        return {"trips": client.round_trips(conns, send=cmd["send"], deadline=cmd["deadline"]),
+                "sample": len(conns), "errors": dict(client.errors)}
+
+    return {"open": open_, "still_open": lambda cmd: client.still_open(),
+            "round_trips": round_trips, "exit": lambda cmd: client.close_all()}
 
 
-class Shards:
+def shards_of(tb, port, kind, workers, concurrency, open_timeout, processes: int) -> common.ChildPool:
     """P client processes; connection i of the whole goes to process i % P
     (the targets are split the same way, so every slot stays even)."""
-
-    def __init__(self, tb, port, kind, workers, concurrency, open_timeout, processes: int):
-        targets = all_targets(tb)
-        assert len(targets) % processes == 0
-        self.kids: list[tuple[int, socket.socket, object]] = []
-        for k in range(processes):
-            mine = targets[k::processes]
-            parent_end, child_end = socket.socketpair()
-            pid = os.fork()
-            if pid == 0:                          # the child: never returns
-                code = 1
-                try:
-                    parent_end.close()
-                    for _, other, _ in self.kids:
-                        other.close()
-                    client = Client(tb, port, kind, workers, max(1, concurrency // processes),
-                                    open_timeout, targets=mine)
-                    _shard_main(child_end, client)
-                    code = 0
-                except (KeyboardInterrupt, SystemExit):
-                    pass                          # Ctrl-C reaches the whole group: the parent reports
-                except BaseException:             # noqa: BLE001
-                    import traceback
-                    traceback.print_exc()
-                finally:
-                    os._exit(code)                # no atexit: the testbed is the parent's
-            child_end.close()
-            self.kids.append((pid, parent_end, parent_end.makefile("rwb")))
-
-    def ask(self, cmds: list[dict], tick=None, every: float = 5.0) -> list[dict]:
-        """Send cmds[k] to process k (one dict: to all); wait for every reply,
-        calling tick() every `every` seconds meanwhile."""
-        if isinstance(cmds, dict):
-            cmds = [cmds] * len(self.kids)
-        for (_, _, f), cmd in zip(self.kids, cmds):
-            f.write(json.dumps(cmd).encode() + b"\n")
-            f.flush()
-        replies: dict[int, dict] = {}
-        while len(replies) < len(self.kids):
-            waiting = [(k, sock) for k, (_, sock, _) in enumerate(self.kids) if k not in replies]
-            ready, _, _ = select.select([sock for _, sock in waiting], [], [], every)
-            if not ready and tick is not None:
-                tick()
-            for k, sock in waiting:
-                if sock in ready:
-                    line = self.kids[k][2].readline()
-                    if not line:
-                        raise RuntimeError(f"client process {self.kids[k][0]} died")
-                    replies[k] = json.loads(line)
-        return [replies[k] for k in range(len(self.kids))]
-
-    def close(self) -> None:
-        for pid, sock, f in self.kids:
-            try:
-                f.write(b'{"op": "close"}\n')
-                f.flush()
-            except OSError:
-                pass
-        for pid, sock, f in self.kids:
-            deadline = time.monotonic() + 20
-            while True:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-                if done or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-            if not done:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            f.close()
-            sock.close()
-        self.kids = []
+    targets = common.all_targets(tb)
+    assert len(targets) % processes == 0
+    return common.ChildPool(targets, processes, lambda mine: shard_handlers(
+        Client(tb, port, kind, workers, max(1, concurrency // processes), open_timeout,
+               targets=mine)))
 
 
 def client_processes(n: int) -> int:
@@ -689,7 +606,7 @@ def measure(tb, args, kind: str, port: int, limits: Limits, rep: int) -> dict:
         slab0 = meminfo_kib("Slab")
         drops0 = listen_drops(tb.server_ns)
         nproc = client_processes(n)
-        shards = Shards(tb, port, kind, w, args.concurrency, args.open_timeout, nproc)
+        shards = shards_of(tb, port, kind, w, args.concurrency, args.open_timeout, nproc)
         print(f"bench: [{rep + 1}/{args.repeat}] opening {n} x {label} to ipserve -w {w} "
               f"({router}), {args.concurrency} at a time, from {nproc} client process(es)",
               flush=True)

@@ -41,7 +41,6 @@ import base64
 import collections
 import errno
 import hashlib
-import json
 import os
 import random
 import resource
@@ -168,11 +167,6 @@ class Conn:
         self.sock, self.fd, self.idx, self.ns, self.src = sock, sock.fileno(), idx, ns, src
         self.state, self.head, self.got, self.k = "connecting", b"", 0, 0
         self.buf = self.view = None
-
-
-def all_targets(tb: netns.Testbed) -> list[tuple]:
-    """(client namespace, source address), namespace i % 4, address (i // 4) % 16."""
-    return [(c, c.ips[i]) for i in range(len(tb.clients[0].ips)) for c in tb.clients]
 
 
 class EchoClient:
@@ -396,96 +390,18 @@ class EchoClient:
         return {"server_did_not_close": not_closed}
 
 
-def _child_main(ctl: socket.socket, client: EchoClient) -> None:
-    f = ctl.makefile("rwb")
-    for line in f:
-        cmd = json.loads(line)
-        op = cmd["op"]
-        if op == "open":
-            reply = client.open(cmd["port"], cmd["count"])
-        elif op == "run":
-            reply = client.run(cmd["start"], cmd["duration"], cmd["size"])
-        elif op == "close":
-            reply = client.close_all()
-        elif op == "exit":
-            return
-        else:
-            reply = {"error": f"unknown op {op}"}
-        f.write(json.dumps(reply).encode() + b"\n")
-        f.flush()
+def echo_handlers(client: EchoClient) -> dict:
+    """What one client process answers (common.ChildPool runs it)."""
+    return {"open": lambda cmd: client.open(cmd["port"], cmd["count"]),
+            "run": lambda cmd: client.run(cmd["start"], cmd["duration"], cmd["size"]),
+            "close": lambda cmd: client.close_all()}
 
 
-class Clients:
+def echo_clients(tb: netns.Testbed, frames: list, processes: int) -> common.ChildPool:
     """P forked client processes; process k takes targets[k::P] (whole client
     namespaces and all 16 of their addresses: every ipserve slot alike)."""
-
-    def __init__(self, tb: netns.Testbed, frames: list, processes: int):
-        targets = all_targets(tb)
-        self.kids: list[tuple[int, socket.socket, object]] = []
-        for k in range(processes):
-            mine = targets[k::processes]
-            parent_end, child_end = socket.socketpair()
-            pid = os.fork()
-            if pid == 0:                          # the child: never returns
-                code = 1
-                try:
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    parent_end.close()
-                    for _, other, _ in self.kids:
-                        other.close()
-                    _child_main(child_end, EchoClient(mine, frames))
-                    code = 0
-                except (KeyboardInterrupt, SystemExit, BrokenPipeError):
-                    pass
-                except BaseException:             # noqa: BLE001
-                    import traceback
-                    traceback.print_exc()
-                finally:
-                    os._exit(code)                # no atexit: the testbed is the parent's
-            child_end.close()
-            self.kids.append((pid, parent_end, parent_end.makefile("rwb")))
-
-    def ask(self, cmds) -> list[dict]:
-        if isinstance(cmds, dict):
-            cmds = [cmds] * len(self.kids)
-        for (_, _, f), cmd in zip(self.kids, cmds):
-            f.write(json.dumps(cmd).encode() + b"\n")
-            f.flush()
-        out = []
-        for pid, _, f in self.kids:
-            line = f.readline()
-            if not line:
-                raise RuntimeError(f"client process {pid} died")
-            out.append(json.loads(line))
-        return out
-
-    def close(self) -> None:
-        for _, _, f in self.kids:
-            try:
-                f.write(b'{"op": "exit"}\n')
-                f.flush()
-            except OSError:
-                pass
-        for pid, sock, f in self.kids:
-            deadline = time.monotonic() + 5
-            done = 0
-            while time.monotonic() < deadline:
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    done = pid
-                if done:
-                    break
-                time.sleep(0.05)
-            if not done:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            try:
-                f.close()
-                sock.close()
-            except OSError:
-                pass
-        self.kids = []
+    return common.ChildPool(common.all_targets(tb), processes,
+                            lambda mine: echo_handlers(EchoClient(mine, frames)), exit_within=5.0)
 
 
 # --------------------------------------------------------------------------- #
@@ -512,7 +428,7 @@ def preflight() -> str:
     return gunicorn
 
 
-def measure(clients: Clients, t: Target, args, size_index: int, duration: float) -> dict:
+def measure(clients: common.ChildPool, t: Target, args, size_index: int, duration: float) -> dict:
     per = [args.connections // len(clients.kids)
            + (1 if k < args.connections % len(clients.kids) else 0) for k in range(len(clients.kids))]
     opened = clients.ask([{"op": "open", "port": t.port, "count": n} for n in per])
@@ -637,7 +553,7 @@ def main(argv=None) -> int:
                     t.label += f" ({st['router']})"
             common.wait_http(tb, t.port)
         # Fork after the servers: the client processes hold no server handles.
-        clients = Clients(tb, frames, args.client_procs)
+        clients = echo_clients(tb, frames, args.client_procs)
         sizes = ", ".join(size_label(*s) for s in args.size)
         n_meas = len(targets) * len(args.size)
         est = n_meas * (args.rounds * (args.duration + 0.8) + args.warmup + 0.8)
