@@ -208,6 +208,19 @@ def _serve_commands(ctl: socket.socket, handlers: dict) -> None:
         f.flush()
 
 
+def mmm(values) -> dict | None:
+    """Min, median and max of the values that are not None (None if none are)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def fmt_mmm(m: dict | None, spec: str = "{:.0f}") -> str:
+    """"min–median–max" of mmm()'s result, each formatted with `spec`; "-" for None."""
+    return "-" if not m else "–".join(spec.format(m[k]) for k in ("min", "median", "max"))
+
+
 def source_address(c: netns.ClientNs) -> str:
     return c.ips[c.index % len(c.ips)]
 

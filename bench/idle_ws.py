@@ -50,7 +50,6 @@ import random
 import select
 import signal
 import socket
-import statistics
 import sys
 import time
 
@@ -728,10 +727,7 @@ def report_one(r: dict) -> None:
 
 
 def mmm(values, fmt="{:.2f}") -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    return "–".join(fmt.format(x) for x in (min(values), statistics.median(values), max(values)))
+    return common.fmt_mmm(common.mmm(values), fmt)
 
 
 def summary_table(records: list[dict], args) -> str:

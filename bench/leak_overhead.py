@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import re
 import signal
-import statistics
 import time
 
 import common
@@ -110,20 +109,9 @@ def measure(tb, wrk, server: Server, args, rnd: int) -> dict:
     return rec
 
 
-def mmm(values) -> dict | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
-
-
-def fmt(m: dict | None, spec: str = "{:.0f}") -> str:
-    return "-" if not m else "–".join(spec.format(m[k]) for k in ("min", "median", "max"))
-
-
 def per_round_ratio(server: Server, base: Server, key: str) -> dict | None:
     by_round = {r["round"]: r for r in base.rounds}
-    return mmm(round(r[key] / by_round[r["round"]][key], 3) for r in server.rounds
+    return common.mmm(round(r[key] / by_round[r["round"]][key], 3) for r in server.rounds
                if r.get(key) and by_round.get(r["round"], {}).get(key))
 
 
@@ -181,12 +169,12 @@ def main(argv=None) -> int:
     summary = []
     for s in servers:
         summary.append({
-            "setting": s.name, "rps": mmm(r["rps"] for r in s.rounds),
+            "setting": s.name, "rps": common.mmm(r["rps"] for r in s.rounds),
             "rps_over_first": per_round_ratio(s, first, "rps"),
-            "cpu_ms_per_1k_req": mmm(r["cpu_ms_per_1k_req"] for r in s.rounds),
+            "cpu_ms_per_1k_req": common.mmm(r["cpu_ms_per_1k_req"] for r in s.rounds),
             "cpu_over_first": per_round_ratio(s, first, "cpu_ms_per_1k_req"),
-            "worker_rss_mib": mmm(round(r["worker_rss_kib"] / 1024, 1) for r in s.rounds),
-            "machine_busy": mmm(r["machine_busy"] for r in s.rounds),
+            "worker_rss_mib": common.mmm(round(r["worker_rss_kib"] / 1024, 1) for r in s.rounds),
+            "machine_busy": common.mmm(r["machine_busy"] for r in s.rounds),
             "errors": sum(sum(r["errors"].values()) for r in s.rounds),
             "rounds": s.rounds, **after[s.name]})
     print()
@@ -204,9 +192,9 @@ def render(summary: list[dict], args) -> str:
              f"RSS MiB ({args.workers} workers)", "machine busy %", "wrk errors"]]
     for s in summary:
         busy = s["machine_busy"] and {k: 100 * v for k, v in s["machine_busy"].items()}
-        rows.append([s["setting"], fmt(s["rps"]), fmt(s["rps_over_first"], "{:.3f}"),
-                     fmt(s["cpu_ms_per_1k_req"], "{:.1f}"), fmt(s["cpu_over_first"], "{:.3f}"),
-                     fmt(s["worker_rss_mib"], "{:.1f}"), fmt(busy), str(s["errors"])])
+        rows.append([s["setting"], common.fmt_mmm(s["rps"]), common.fmt_mmm(s["rps_over_first"], "{:.3f}"),
+                     common.fmt_mmm(s["cpu_ms_per_1k_req"], "{:.1f}"), common.fmt_mmm(s["cpu_over_first"], "{:.3f}"),
+                     common.fmt_mmm(s["worker_rss_mib"], "{:.1f}"), common.fmt_mmm(busy), str(s["errors"])])
     head = (f"keep-alive, {args.app}, 4 client namespaces x wrk -t1 -c{args.connections}, "
             f"{args.rounds} rounds x {args.duration:g}s; min–median–max over rounds "
             f"(ratios: per round, against {first} in the same round)")
@@ -216,10 +204,10 @@ def render(summary: list[dict], args) -> str:
             cs = [c for c in s["censuses"] if c["which"] == which]
             if cs:
                 out.append(f"{s['setting']} {which} census: "
-                           f"{fmt(mmm(c['objects'] for c in cs))} "
+                           f"{common.fmt_mmm(common.mmm(c['objects'] for c in cs))} "
                            f"{'blocks' if s['setting'].startswith('tracemalloc') else 'objects'} in "
-                           f"{fmt(mmm(c['ms'] for c in cs))} ms, RSS "
-                           f"{fmt(mmm(c['rss_kib'] for c in cs), '{:+.0f}')} KiB "
+                           f"{common.fmt_mmm(common.mmm(c['ms'] for c in cs))} ms, RSS "
+                           f"{common.fmt_mmm(common.mmm(c['rss_kib'] for c in cs), '{:+.0f}')} KiB "
                            f"({len(cs)} censuses)")
         for rep in s["reports"]:
             grew = ", ".join(f"{g['what']} {g['count']:+d}" for g in rep["growth"][:3]) or "nothing"

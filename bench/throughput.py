@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import resource
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -302,13 +301,6 @@ def check_pinning(tb, targets) -> dict:
     return out
 
 
-def mmm(values) -> dict | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
-
-
 def summarize(targets, mode: str) -> list[dict]:
     """Per server: min/median/max over the rounds; for ipserve also the
     per-round ratios against the best gunicorn of that round."""
@@ -319,12 +311,12 @@ def summarize(targets, mode: str) -> list[dict]:
         if not rounds:
             continue
         row = {"server": t.label, "kind": t.kind, "router": t.router_name, "port": t.port,
-               "rps": mmm(r["rps"] for r in rounds),
-               "p99_ms": mmm(r["p99_ms"] for r in rounds),
-               "p50_ms": mmm(r["p50_ms"] for r in rounds),
-               "cpu_ms_per_1k_req": mmm(r["cpu_ms_per_1k_req"] for r in rounds),
-               "client_cpu_ms_per_1k_req": mmm(r["client_cpu_ms_per_1k_req"] for r in rounds),
-               "fairness": mmm(r["fairness"] for r in rounds),
+               "rps": common.mmm(r["rps"] for r in rounds),
+               "p99_ms": common.mmm(r["p99_ms"] for r in rounds),
+               "p50_ms": common.mmm(r["p50_ms"] for r in rounds),
+               "cpu_ms_per_1k_req": common.mmm(r["cpu_ms_per_1k_req"] for r in rounds),
+               "client_cpu_ms_per_1k_req": common.mmm(r["client_cpu_ms_per_1k_req"] for r in rounds),
+               "fairness": common.mmm(r["fairness"] for r in rounds),
                "errors": {k: sum(r["errors"][k] for r in rounds) for k in rounds[0]["errors"]},
                "rounds": rounds}
         if t.kind == "ipserve" and guns:
@@ -345,28 +337,22 @@ def summarize(targets, mode: str) -> list[dict]:
                 lowest = min((x["p99_ms"] for x in same if x["p99_ms"]), default=None)
                 if lowest and rec["p99_ms"]:
                     p99_ratios.append(rec["p99_ms"] / lowest)
-            row["ratio_vs_faster_gunicorn"] = mmm(round(x, 3) for x in ratios)
-            row["cpu_ratio_vs_cheaper_gunicorn"] = mmm(round(x, 3) for x in cpu_ratios)
-            row["p99_ratio_vs_lower_gunicorn"] = mmm(round(x, 3) for x in p99_ratios)
+            row["ratio_vs_faster_gunicorn"] = common.mmm(round(x, 3) for x in ratios)
+            row["cpu_ratio_vs_cheaper_gunicorn"] = common.mmm(round(x, 3) for x in cpu_ratios)
+            row["p99_ratio_vs_lower_gunicorn"] = common.mmm(round(x, 3) for x in p99_ratios)
             row["faster_gunicorn_per_round"] = faster
         base = next((b for b in targets if b.baseline and b.rounds[mode]), None)
         if t.kind == "ipserve" and not t.baseline and base is not None:
             by_round = {rec["round"]: rec for rec in base.rounds[mode]}
-            row["ratio_vs_baseline"] = mmm(
+            row["ratio_vs_baseline"] = common.mmm(
                 round(rec["rps"] / by_round[rec["round"]]["rps"], 3) for rec in rounds
                 if by_round.get(rec["round"], {}).get("rps"))
-            row["cpu_ratio_vs_baseline"] = mmm(
+            row["cpu_ratio_vs_baseline"] = common.mmm(
                 round(rec["cpu_ms_per_1k_req"] / by_round[rec["round"]]["cpu_ms_per_1k_req"], 3)
                 for rec in rounds if rec["cpu_ms_per_1k_req"]
                 and by_round.get(rec["round"], {}).get("cpu_ms_per_1k_req"))
         rows.append(row)
     return rows
-
-
-def _f(m: dict | None, fmt: str = "{:.0f}", sep: "str" = "–") -> str:
-    if not m:
-        return "-"
-    return sep.join(fmt.format(m[k]) for k in ("min", "median", "max"))
 
 
 def render(summary: dict, targets, args, wrk2, conntrack_peak) -> str:
@@ -382,34 +368,34 @@ def render(summary: dict, targets, args, wrk2, conntrack_peak) -> str:
                  "errors c/r/w/t/non2xx"]]
         for s in rows_in:
             e = s["errors"]
-            rows.append([s["server"], _f(s["rps"]),
-                         _f(s.get("ratio_vs_faster_gunicorn"), "{:.2f}"),
-                         _f(s["p99_ms"], "{:.1f}"),
-                         _f(s["cpu_ms_per_1k_req"]),
-                         _f(s.get("cpu_ratio_vs_cheaper_gunicorn"), "{:.2f}"),
-                         _f(s["client_cpu_ms_per_1k_req"]),
+            rows.append([s["server"], common.fmt_mmm(s["rps"]),
+                         common.fmt_mmm(s.get("ratio_vs_faster_gunicorn"), "{:.2f}"),
+                         common.fmt_mmm(s["p99_ms"], "{:.1f}"),
+                         common.fmt_mmm(s["cpu_ms_per_1k_req"]),
+                         common.fmt_mmm(s.get("cpu_ratio_vs_cheaper_gunicorn"), "{:.2f}"),
+                         common.fmt_mmm(s["client_cpu_ms_per_1k_req"]),
                          f"{100 * s['fairness']['median']:.0f}%",
                          f"{e['connect']}/{e['read']}/{e['write']}/{e['timeout']}/{e['non2xx']}"])
         out.append(common.table(rows))
         for s in rows_in:
             if s.get("ratio_vs_baseline"):
                 out.append(f"  {s['server']}: req/s over ipserve @{args.baseline} of each round "
-                           f"{_f(s['ratio_vs_baseline'], '{:.3f}')}, CPU per request "
-                           f"{_f(s.get('cpu_ratio_vs_baseline'), '{:.3f}')}")
+                           f"{common.fmt_mmm(s['ratio_vs_baseline'], '{:.3f}')}, CPU per request "
+                           f"{common.fmt_mmm(s.get('cpu_ratio_vs_baseline'), '{:.3f}')}")
         for s in rows_in:
             ratio = s.get("ratio_vs_faster_gunicorn")
             if ratio:
                 faster = ", ".join(sorted(set(x.split()[-1] for x in s["faster_gunicorn_per_round"])))
-                p99r = _f(s.get("p99_ratio_vs_lower_gunicorn"), "{:.2f}")
+                p99r = common.fmt_mmm(s.get("p99_ratio_vs_lower_gunicorn"), "{:.2f}")
                 if args.rate:
                     out.append(f"  {s['server']}: at {args.rate:g} req/s offered, p99 over the lower "
                                f"gunicorn p99 of each round {p99r}; (req/s is set by --rate: "
-                               f"{_f(ratio, '{:.2f}')} only says whether each kept up)")
+                               f"{common.fmt_mmm(ratio, '{:.2f}')} only says whether each kept up)")
                 else:
                     goal = GOALS[mode]
                     met = "meets" if ratio["median"] >= goal else "does NOT meet"
                     out.append(f"  {s['server']}: req/s over the faster gunicorn of each round "
-                               f"{_f(ratio, '{:.2f}')} (faster: {faster}); median {met} the "
+                               f"{common.fmt_mmm(ratio, '{:.2f}')} (faster: {faster}); median {met} the "
                                f"{goal:.1f}x goal; p99 over the lower gunicorn p99 {p99r} "
                                "(closed loop: at different loads)")
         out.append("")

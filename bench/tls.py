@@ -29,7 +29,6 @@ import argparse
 import os
 import re
 import ssl
-import statistics
 import subprocess
 import tempfile
 import time
@@ -120,17 +119,6 @@ def keepalive(tb, port: int, duration: float, connections: int, wrk: str) -> dic
             "p99_ms": load.p99_ms}
 
 
-def mmm(values) -> dict | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
-
-
-def fmt(m: dict | None, spec: str = "{:.0f}") -> str:
-    return "-" if not m else "–".join(spec.format(m[k]) for k in ("min", "median", "max"))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     modes = list(MODES) if args.mode == "both" else [args.mode]
@@ -206,16 +194,16 @@ def main(argv=None) -> int:
         ratios = [a["rate"] / b["rate"] for a, b in zip(ips, gun) if b["rate"]]
         cpu_ratios = [a["cpu_ms_per_1k"] / b["cpu_ms_per_1k"] for a, b in zip(ips, gun)
                       if a["cpu_ms_per_1k"] and b["cpu_ms_per_1k"]]
-        summary[mode] = {"ipserve": mmm(x["rate"] for x in ips),
-                         "gunicorn": mmm(x["rate"] for x in gun),
-                         "ratio": mmm(round(x, 3) for x in ratios),
-                         "cpu_ratio": mmm(round(x, 3) for x in cpu_ratios),
+        summary[mode] = {"ipserve": common.mmm(x["rate"] for x in ips),
+                         "gunicorn": common.mmm(x["rate"] for x in gun),
+                         "ratio": common.mmm(round(x, 3) for x in ratios),
+                         "cpu_ratio": common.mmm(round(x, 3) for x in cpu_ratios),
                          "rounds": results[mode]}
         unit = "new-session handshakes/s" if mode == "handshake" else "keep-alive requests/s"
-        print(f"{unit}: ipserve {fmt(summary[mode]['ipserve'])}, gunicorn -k gevent "
-              f"{fmt(summary[mode]['gunicorn'])}; ipserve/gunicorn per round "
-              f"{fmt(summary[mode]['ratio'], '{:.2f}')}, CPU per unit "
-              f"{fmt(summary[mode]['cpu_ratio'], '{:.2f}')}")
+        print(f"{unit}: ipserve {common.fmt_mmm(summary[mode]['ipserve'])}, gunicorn -k gevent "
+              f"{common.fmt_mmm(summary[mode]['gunicorn'])}; ipserve/gunicorn per round "
+              f"{common.fmt_mmm(summary[mode]['ratio'], '{:.2f}')}, CPU per unit "
+              f"{common.fmt_mmm(summary[mode]['cpu_ratio'], '{:.2f}')}")
     path = common.write_json("tls", {"machine": machine, "args": vars(args), "summary": summary})
     print(f"\nbench: results in {path}")
     return 0

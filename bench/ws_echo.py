@@ -47,7 +47,6 @@ import resource
 import select
 import signal
 import socket
-import statistics
 import struct
 import sys
 import time
@@ -466,10 +465,7 @@ def measure(clients: common.ChildPool, t: Target, args, size_index: int, duratio
 
 
 def mmm(values, fmt="{:.0f}") -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    return "–".join(fmt.format(x) for x in (min(values), statistics.median(values), max(values)))
+    return common.fmt_mmm(common.mmm(values), fmt)
 
 
 def summarize(targets: list[Target], sizes, args) -> tuple[str, dict]:
