@@ -210,6 +210,19 @@ def secure_dir(path: str, *, create: bool = True, mode: int = 0o755,
     return real
 
 
+def _read_at_most(fd: int, limit: int) -> bytes | None:
+    """All of `fd` if it holds at most `limit` bytes, else None (a file may
+    grow after the fstat that sized it)."""
+    chunks, total = [], 0
+    while total <= limit:
+        chunk = os.read(fd, limit + 1 - total)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+    return None
+
+
 # -- files root reads for others ------------------------------------------------
 
 MAX_TRUSTED_FILE = 1 << 20      # a certificate chain or a key is a few KiB
@@ -236,16 +249,11 @@ def read_trusted_file(path: str, what: str) -> bytes:
         if st.st_mode & 0o022:
             raise UsageError(f"{subject} is writable by group or others (mode {_mode(st)}): "
                              f"chmod go-w it")
-        if st.st_size > MAX_TRUSTED_FILE:
-            raise UsageError(f"{subject} is {st.st_size} bytes: not a certificate or key")
-        chunks, size = [], 0
-        while size <= MAX_TRUSTED_FILE:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
+        data = _read_at_most(fd, MAX_TRUSTED_FILE) if st.st_size <= MAX_TRUSTED_FILE else None
+        if data is None:
+            raise UsageError(f"{subject} is more than {MAX_TRUSTED_FILE} bytes: not a "
+                             f"certificate or key")
+        return data
     except OSError as exc:
         raise UsageError(f"{subject} cannot be read: {exc.strerror}") from None
     finally:
@@ -455,14 +463,8 @@ def read_private_json(path: str, max_bytes: int = 16 << 20) -> dict | None:
         if st.st_size > max_bytes:
             raise UsageError(f"state file {_show(path)} is {st.st_size} bytes, more than the "
                              f"{max_bytes} allowed; remove it")
-        chunks, total = [], 0
-        while total <= max_bytes:          # the file may grow after fstat
-            chunk = os.read(fd, max_bytes + 1 - total)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > max_bytes:
+        content = _read_at_most(fd, max_bytes)
+        if content is None:
             raise UsageError(f"state file {_show(path)} is more than the {max_bytes} bytes "
                              f"allowed; remove it")
     except OSError as exc:
@@ -470,7 +472,7 @@ def read_private_json(path: str, max_bytes: int = 16 << 20) -> dict | None:
     finally:
         os.close(fd)
     try:
-        data = json.loads(b"".join(chunks).decode("utf-8"))
+        data = json.loads(content.decode("utf-8"))
     except (ValueError, RecursionError) as exc:   # bad UTF-8, bad JSON, absurd nesting
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"state file {_show(path)} is not valid JSON ({reason}); remove it") from None
