@@ -97,6 +97,15 @@ def text(message: dict, key: str, limit: int = MAX_TEXT, required: bool = True) 
     return value
 
 
+def shown(value: str | None) -> str | None:
+    """A worker's text as a person will see it (ipservectl, top, the log):
+    application code chose it, so control characters (a terminal escape, a
+    newline that forges a log line) are written out as \\xHH, \\n, ..."""
+    if value is None or value.isprintable():
+        return value
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in value)
+
+
 def choice(message: dict, key: str, kind: type[enum.Enum], required: bool = True):
     value = _field(message, key, required)
     if value is None and not required:
@@ -198,7 +207,7 @@ def growth(message: dict) -> tuple[Growth, ...]:
     for entry in value:
         if type(entry) is not dict:
             raise BadMessage("a 'growth' entry is not an object")
-        entries.append(Growth(what=text(entry, "what", 300),
+        entries.append(Growth(what=shown(text(entry, "what", 300)),
                               count=integer(entry, "count", -MAX_COUNT, MAX_COUNT),
                               size=integer(entry, "size", -MAX_COUNT, MAX_COUNT)))
     return tuple(entries)
@@ -228,9 +237,9 @@ def parse_from_worker(message: dict) -> FromWorker:
         return LeakReport(mode=choice(message, "mode", LeakMode),
                           lifetime_s=number(message, "lifetime_s", 0.0, 1e10),
                           requests=integer(message, "requests"), growth=growth(message),
-                          error=text(message, "error", MAX_TEXT, required=False))
+                          error=shown(text(message, "error", MAX_TEXT, required=False)))
     if kind == "boot-failed":
-        return BootFailed(error=text(message, "error", MAX_TEXT))
+        return BootFailed(error=shown(text(message, "error", MAX_TEXT)))
     raise BadMessage(f"unknown message type {str(kind)[:40]!r}")
 
 

@@ -68,6 +68,25 @@ def test_well_formed_worker_messages():
     beat = messages.parse_from_worker(good_heartbeat(lag_ms=3))
     assert beat.lag_ms == 3.0 and isinstance(beat.lag_ms, float)
     assert messages.parse_from_worker({"type": "boot-failed", "error": "x"}).error == "x"
+    beat = messages.parse_from_worker(good_heartbeat(responses=[0, 5, 0, 1, 0], durations=[3] * 17,
+                                                     duration_sum=0.25))
+    assert beat.responses == (0, 5, 0, 1, 0) and beat.durations == (3,) * 17
+    report = messages.parse_from_worker({"type": "leak-report", "mode": "types", "lifetime_s": 1,
+                                         "requests": 2, "growth": [{"what": "a.B", "count": -3,
+                                                                    "size": 40}]})
+    assert report.growth == (messages.Growth("a.B", -3, 40),) and report.error is None
+
+
+def test_text_a_worker_sends_for_people_to_read_cannot_carry_control_characters():
+    # Application code names its classes and writes its exceptions: a terminal
+    # escape in a type name must not reach `ipservectl leaks`, nor a newline
+    # forge a line of the master's log.
+    report = messages.parse_from_worker({
+        "type": "leak-report", "mode": "types", "lifetime_s": 1, "requests": 2,
+        "error": "boom\nFAKE LINE", "growth": [{"what": "m.\x1b[2JX", "count": 1, "size": 1}]})
+    assert report.growth[0].what == "m.\\x1b[2JX" and report.error == "boom\\nFAKE LINE"
+    failed = messages.parse_from_worker({"type": "boot-failed", "error": "bad\r\x07 é"})
+    assert failed.error == "bad\\r\\x07 é"
 
 
 @pytest.mark.parametrize("message", [
@@ -79,6 +98,13 @@ def test_well_formed_worker_messages():
     good_heartbeat(lag_ms=math.inf), good_heartbeat(lag_ms="1"), good_heartbeat(too_busy=1),
     good_heartbeat(websockets=None), good_heartbeat(phase=3),
     {"type": "boot-failed", "error": "e" * 2001}, {"type": "boot-failed", "error": ["e"]},
+    good_heartbeat(responses=[1, "2"]), good_heartbeat(responses=[-1]),
+    good_heartbeat(durations=[0] * 65), good_heartbeat(durations="0"),
+    good_heartbeat(duration_sum=math.nan),
+    {"type": "leak-report", "mode": "heap", "lifetime_s": 1, "requests": 0, "growth": []},
+    {"type": "leak-report", "mode": "types", "lifetime_s": 1, "requests": 0,
+     "growth": [{"what": "x", "count": 1, "size": 0}] * 51},
+    {"type": "leak-report", "mode": "types", "lifetime_s": 1, "requests": 0, "growth": {}},
     {"type": "ready", "pid": 1}, {"type": None}, {},
 ])
 def test_malformed_worker_messages_are_refused_whole(message):
